@@ -1,0 +1,3 @@
+"""raserec: retrieval-augmented sequential recommendation on Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""The ``raserec`` command: LightningCLI subcommands plus data preparation.
+
+    raserec prepare SOURCE OUT_DIR      convert a raw dataset into a cached, versioned directory
+    raserec stats PATH [--json]         dataset statistics (paper Table 5)
+    raserec fit|validate|test|predict   train / evaluate / recommend, configured by YAML
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from raserec.errors import RaserecError
+
+_HELP = """usage: raserec <command> [options]
+
+Retrieval-augmented sequential recommendation (RaSeRec, Ada-Retrieval) on Lightning.
+
+data commands:
+  prepare    convert a raw dataset (line .txt, RecBole .inter, Amazon reviews json) into a
+             cached, versioned directory (parquet + manifest with a content hash)
+  stats      print dataset statistics as in the paper's Table 5 (--json for one JSON object)
+
+training commands (LightningCLI; configure with --config FILE.yaml, repeatable):
+  fit        train a model (pre-training or RAFT) with early stopping; tests the best
+             checkpoint afterwards unless --test_after_fit false
+  validate   evaluate on the validation queries (--ckpt_path)
+  test       evaluate on the test queries (--ckpt_path)
+  predict    write each user's top-N items with original ids (--ckpt_path)
+
+Run `raserec <command> --help` for the options of one command.
+Examples:
+  raserec stats ../shared/data/Beauty.txt
+  raserec fit --config configs/beauty_pretrain.yaml
+  raserec fit --config configs/beauty_pretrain.yaml --config configs/debug.yaml
+"""
+
+
+def _lightning_main(argv: list[str]) -> int:
+    from raserec.lightning_cli import RaserecCLI
+
+    RaserecCLI(args=argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_HELP)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "prepare":
+            from raserec.data.prepare import prepare_main
+
+            return prepare_main(rest)
+        if command == "stats":
+            from raserec.data.prepare import stats_main
+
+            return stats_main(rest)
+        if command in ("fit", "validate", "test", "predict"):
+            return _lightning_main(argv)
+    except RaserecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"error: unknown command {command!r}; run `raserec --help`", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""HR@K and NDCG@K as a torchmetrics Metric whose state is an integer rank histogram.
+
+Integer states make the result independent of batch size, of the order in which batches arrive,
+and of how ranks are split across processes: distributed evaluation is exact, not approximate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class RankingMetrics(Metric):
+    """Hit ratio and NDCG at several cut-offs (and MRR truncated at the largest cut-off)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: Sequence[int] = (5, 10, 20, 50), **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not ks or min(ks) < 1:
+            raise ValueError(f"cut-offs must be positive, got {ks}")
+        self.ks = sorted(set(int(k) for k in ks))
+        self.add_state("hist", default=torch.zeros(self.ks[-1], dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, ranks: Tensor) -> None:
+        """``ranks``: 0-based rank of each query's target."""
+        ranks = ranks.detach().long().flatten()
+        top = ranks[ranks < self.ks[-1]]
+        self.hist += torch.bincount(top, minlength=self.ks[-1]).to(self.hist.device)
+        self.total += ranks.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.total.clamp_min(1).double()
+        hist = self.hist.double()
+        positions = torch.arange(self.ks[-1], dtype=torch.float64, device=hist.device)
+        gain = 1.0 / torch.log2(positions + 2.0)
+        out: dict[str, Tensor] = {}
+        for k in self.ks:
+            out[f"HR@{k}"] = hist[:k].sum() / n
+            out[f"NDCG@{k}"] = (hist[:k] * gain[:k]).sum() / n
+        out[f"MRR@{self.ks[-1]}"] = (hist / (positions + 1.0)).sum() / n
+        return {k: v.float() for k, v in out.items()}

@@ -1,0 +1,72 @@
+"""Shared evaluation for every recommender LightningModule: full ranking, per-stage metrics,
+and top-N prediction. Subclasses only say how a batch becomes a user representation."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import lightning as L
+from torch import Tensor
+
+from raserec.data.batch import SequenceBatch
+from raserec.evaluation.metrics import RankingMetrics
+from raserec.evaluation.ranking import target_ranks, top_items
+
+
+class RecommenderModule(L.LightningModule):
+    """Validation/test/predict steps shared by pre-training and fine-tuning.
+
+    Args:
+        metric_ks: cut-offs of HR@K and NDCG@K.
+        mask_history: exclude items already in the input sequence from the ranking (off in the
+            paper's protocol; the target itself is never excluded).
+        predict_top_n: how many items ``predict`` returns per user.
+    """
+
+    def __init__(self, metric_ks: Sequence[int] = (5, 10, 20, 50), mask_history: bool = False,
+                 predict_top_n: int = 10) -> None:
+        super().__init__()
+        self.mask_history = mask_history
+        self.predict_top_n = predict_top_n
+        self.val_metrics = RankingMetrics(metric_ks)
+        self.test_metrics = RankingMetrics(metric_ks)
+
+    @abstractmethod
+    def user_representation(self, batch: SequenceBatch) -> Tensor:
+        """Representation used for ranking, ``[B, d]``, in eval mode."""
+
+    @abstractmethod
+    def item_weights(self) -> Tensor:
+        """Candidate item embeddings, rows 1..N: ``[N, d]``."""
+
+    def scores(self, batch: SequenceBatch) -> Tensor:
+        return self.user_representation(batch) @ self.item_weights().T
+
+    def _history(self, batch: SequenceBatch) -> Tensor | None:
+        return batch["input_ids"] if self.mask_history else None
+
+    def _eval_step(self, batch: SequenceBatch, metrics: RankingMetrics) -> None:
+        ranks = target_ranks(self.scores(batch), batch["target"], self._history(batch))
+        metrics.update(ranks)
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> None:
+        values = metrics.compute()  # already reduced across processes by torchmetrics
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False, rank_zero_only=False)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: SequenceBatch, batch_idx: int) -> dict[str, Tensor]:
+        top = top_items(self.scores(batch), self.predict_top_n, self._history(batch))
+        return {"user": batch["user"], "items": top}

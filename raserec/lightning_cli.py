@@ -1,0 +1,72 @@
+"""LightningCLI wiring: links the datamodule's item count into the model, configures
+checkpointing, early stopping and the results file, and tests the best checkpoint after fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from raserec.data.datamodule import SequenceDataModule
+from raserec.evaluation.module import RecommenderModule
+from raserec.results import ResultsWriter
+
+
+@dataclass
+class ResultsSpec:
+    """Where ``fit``/``test`` record their figures.
+
+    Attributes:
+        path: results JSON written after testing (``null``: none, e.g. in the debug overlay).
+        dataset: dataset name recorded in the file.
+        model: model name recorded in the file.
+        notes: free text recorded in the file (schedule, hardware caveats).
+    """
+
+    path: str | None = None
+    dataset: str = ""
+    model: str = ""
+    notes: str = ""
+
+
+class RaserecCLI(LightningCLI):
+    """``fit``/``validate``/``test``/``predict`` over a :class:`RecommenderModule` subclass
+    (``model.class_path``) and a :class:`SequenceDataModule` (``data``)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            RecommenderModule,
+            SequenceDataModule,
+            subclass_mode_model=True,
+            auto_configure_optimizers=False,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/HR@10", "checkpoint.mode": "max", "checkpoint.filename": "best",
+            "checkpoint.save_last": True, "checkpoint.enable_version_counter": False,
+        })
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/HR@10", "early_stopping.mode": "max",
+                             "early_stopping.patience": 10})
+        parser.add_class_arguments(ResultsSpec, "results")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the best checkpoint (the last weights if none was saved)")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        spec = self.config_init[self.subcommand].get("results") if self.subcommand else None
+        if spec is not None and spec.path:
+            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes))
+        return trainer
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)

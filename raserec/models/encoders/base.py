@@ -1,0 +1,44 @@
+"""The interface every backbone implements, so training code never depends on a backbone."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class SequenceEncoder(nn.Module, ABC):
+    """Maps left-padded item ids ``[B, T]`` (0 = padding, most recent item last) to a user
+    representation ``[B, d]``. Owns the item embedding table ``[num_items + 1, d]``, which is
+    also the output layer (scores = h . V^T).
+
+    Subclasses call ``self.record_init_args(locals())`` first thing in ``__init__`` so a
+    checkpoint can rebuild them from the class path and arguments alone.
+    """
+
+    item_embedding: nn.Embedding
+    hidden_size: int
+    max_len: int
+
+    def record_init_args(self, local_vars: dict[str, Any]) -> None:
+        params = inspect.signature(type(self).__init__).parameters
+        self.init_args = {k: local_vars[k] for k in params if k != "self"}
+
+    @property
+    def class_path(self) -> str:
+        cls = type(self)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    @abstractmethod
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """User representation of each sequence: ``[B, d]``."""
+
+    def item_weights(self) -> Tensor:
+        """Embeddings of the real items (rows 1..N), the candidates of full ranking: ``[N, d]``."""
+        return self.item_embedding.weight[1:]
+
+    def score(self, user_repr: Tensor) -> Tensor:
+        """Scores over all real items: ``[B, N]``; column ``j`` is item ``j + 1``."""
+        return user_repr @ self.item_weights().T

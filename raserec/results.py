@@ -1,0 +1,110 @@
+"""Results files (``results/NAME.json``): every figure the project claims, with its provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def hardware() -> str:
+    """CPU model and core count, plus the GPU model when one is used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu} ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})"
+    if torch.cuda.is_available():
+        desc += f"; GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    if prog in ("__main__.py", "cli.py"):
+        prog = "raserec"
+    return shlex.join([prog, *sys.argv[1:]])
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_results(path: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class ResultsWriter(L.Callback):
+    """Writes ``results/NAME.json`` after testing: command, hardware, dataset, model, seed,
+    wall time (from the start of the run) and the test metrics (plus the validation curve).
+
+    Args:
+        path: output file, e.g. ``results/beauty_sasrec.json``.
+        dataset: dataset name recorded in the file.
+        model: model name recorded in the file.
+        notes: free text (schedule, deviations from the paper).
+    """
+
+    def __init__(self, path: str, dataset: str, model: str, notes: str = "") -> None:
+        self.path = path
+        self.dataset = dataset
+        self.model = model
+        self.notes = notes
+        self._start = time.perf_counter()
+        self._curve: list[dict[str, float]] = []
+        self._fit_time: float | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if m:
+            self._curve.append({"epoch": trainer.current_epoch + 1, **m})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_time = time.perf_counter() - self._start
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics.update({f"{k}_std": 0.0 for k in list(metrics)})
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        record = {
+            "command": command_line(),
+            "hardware": hardware(),
+            "dataset": self.dataset,
+            "model": self.model,
+            "seeds": [int(seed)] if seed is not None else [],
+            "wall_time_s": round(time.perf_counter() - self._start, 2),
+            "fit_time_s": None if self._fit_time is None else round(self._fit_time, 2),
+            "epochs": trainer.current_epoch,
+            "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
+            "git_commit": git_commit(),
+            "notes": self.notes,
+            "metrics": metrics,
+            "val_curve": self._curve,
+        }
+        write_results(self.path, record)
