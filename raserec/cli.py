@@ -45,7 +45,13 @@ def _lightning_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own loggers only: Lightning configures its own, and a root handler would double them.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    pkg_log = logging.getLogger("raserec")
+    if not pkg_log.handlers:
+        pkg_log.addHandler(handler)
+        pkg_log.setLevel(logging.INFO)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_HELP)
         return 0
