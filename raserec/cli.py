@@ -36,6 +36,14 @@ Examples:
 """
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be swapped, e.g. by pytest)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _lightning_main(argv: list[str]) -> int:
     from raserec.lightning_cli import RaserecCLI
 
@@ -46,7 +54,7 @@ def _lightning_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Our own loggers only: Lightning configures its own, and a root handler would double them.
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     pkg_log = logging.getLogger("raserec")
     if not pkg_log.handlers:

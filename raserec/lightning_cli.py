@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from raserec.data.datamodule import SequenceDataModule
 from raserec.evaluation.module import RecommenderModule
+from raserec.evaluation.writer import TopNWriter
 from raserec.results import ResultsWriter
 
 
@@ -30,12 +31,25 @@ class ResultsSpec:
     notes: str = ""
 
 
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` beside the logs and sends the full resolved config to the logger
+    (W&B's run config, CSV's hparams.yaml), which LightningCLI does not do by itself."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            config = self.parser.dump(self.config, skip_none=False, format="json")
+            import json
+
+            trainer.logger.log_hyperparams({"config": json.loads(config)})
+
+
 class RaserecCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over a :class:`RecommenderModule` subclass
     (``model.class_path``) and a :class:`SequenceDataModule` (``data``)."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         super().__init__(
             RecommenderModule,
             SequenceDataModule,
@@ -55,6 +69,8 @@ class RaserecCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val/HR@10", "early_stopping.mode": "max",
                              "early_stopping.patience": 10})
         parser.add_class_arguments(ResultsSpec, "results")
+        parser.add_argument("--predict_output", type=str, default="predictions.csv",
+                            help="predict: file for each user's top-N items (.csv or .parquet)")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the best checkpoint (the last weights if none was saved)")
 
@@ -63,6 +79,8 @@ class RaserecCLI(LightningCLI):
         spec = self.config_init[self.subcommand].get("results") if self.subcommand else None
         if spec is not None and spec.path:
             trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes))
+        if self.subcommand == "predict":
+            trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         return trainer
 
     def after_fit(self) -> None:

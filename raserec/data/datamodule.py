@@ -69,6 +69,9 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         if min_length < 3:
             raise ValueError(f"min_length must be >= 3 for leave-one-out splits, got {min_length}")
+        # Plain strings in the hyper-parameters keep checkpoints loadable with weights_only=True.
+        data_path = str(data_path)
+        cache_dir = None if cache_dir is None else str(cache_dir)
         self.save_hyperparameters()
         self.data_path = Path(data_path)
         self.max_len = max_len

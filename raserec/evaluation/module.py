@@ -3,15 +3,37 @@ and top-N prediction. Subclasses only say how a batch becomes a user representat
 
 from __future__ import annotations
 
+import random
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch import Tensor
 
 from raserec.data.batch import SequenceBatch
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.ranking import target_ranks, top_items
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, numpy and Python RNG states as plain types (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class RecommenderModule(L.LightningModule):
@@ -66,6 +88,14 @@ class RecommenderModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+
+    # Resuming must continue the same random streams (data order, dropout), not fresh ones.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def predict_step(self, batch: SequenceBatch, batch_idx: int) -> dict[str, Tensor]:
         top = top_items(self.scores(batch), self.predict_top_n, self._history(batch))

@@ -107,6 +107,7 @@ class PretrainModule(RecommenderModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[RECORD_KEY] = encoder_record(self.encoder, self._data_fingerprint())
 
     def _data_fingerprint(self) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""Full-ranking evaluation: ranks, tie handling, HR/NDCG values and batch-size independence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raserec.evaluation.metrics import RankingMetrics
+from raserec.evaluation.ranking import target_ranks, top_items
+
+
+def test_target_ranks_pessimistic_ties() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    ranks = target_ranks(scores, torch.tensor([3, 1]))  # items 3 (0.5, tied with item 4) and 1
+    assert ranks.tolist() == [2, 3]  # 0.9 and the tie rank above item 3; constant scores rank last
+
+
+def test_history_mask_keeps_target() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    history = torch.tensor([[0, 1, 2]])
+    assert target_ranks(scores, torch.tensor([3])).tolist() == [2]
+    assert target_ranks(scores, torch.tensor([3]), history).tolist() == [0]
+    assert target_ranks(scores, torch.tensor([2]), history).tolist() == [0]  # target 2 is in history
+    assert top_items(scores, 2, history).tolist() == [[3, 4]]
+    assert top_items(scores, 2).tolist() == [[1, 2]]
+
+
+def test_metric_values_by_hand() -> None:
+    m = RankingMetrics(ks=(1, 5, 10))
+    m.update(torch.tensor([0, 3, 7, 20]))
+    out = m.compute()
+    assert out["HR@1"].item() == pytest.approx(0.25)
+    assert out["HR@5"].item() == pytest.approx(0.5)
+    assert out["HR@10"].item() == pytest.approx(0.75)
+    ndcg10 = (1 / math.log2(2) + 1 / math.log2(5) + 1 / math.log2(9)) / 4
+    assert out["NDCG@10"].item() == pytest.approx(ndcg10, rel=1e-6)
+    assert out["MRR@10"].item() == pytest.approx((1 + 1 / 4 + 1 / 8) / 4, rel=1e-6)
+
+
+def test_metrics_independent_of_batching() -> None:
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.randint(0, 80, (1000,), generator=g)
+    whole = RankingMetrics()
+    whole.update(ranks)
+    expected = whole.compute()
+    for bs in (1, 7, 333):
+        m = RankingMetrics()
+        for chunk in ranks.flip(0).split(bs):
+            m.update(chunk)
+        got = m.compute()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_rejects_bad_cutoffs() -> None:
+    with pytest.raises(ValueError):
+        RankingMetrics(ks=(0, 5))

@@ -1,0 +1,96 @@
+"""SASRec encoder and the pre-training losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raserec.models.encoders import SASRec
+from raserec.models.encoders.sasrec import FastDropout
+from raserec.models.losses import info_nce, next_item_loss
+
+
+def _ids(b: int = 8, t: int = 12, n: int = 50, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, n + 1, (b, t), generator=g)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    ids[torch.arange(t)[None, :] < (t - lengths)[:, None]] = 0
+    return ids
+
+
+def test_packed_forward_equals_dense() -> None:
+    torch.manual_seed(0)
+    for layers in (1, 2, 3):
+        model = SASRec(50, hidden_size=16, max_len=12, num_layers=layers, inner_size=32).eval()
+        ids = _ids()
+        assert torch.allclose(model(ids), model.dense_forward(ids), atol=1e-5)
+
+
+def test_output_ignores_padding_and_future() -> None:
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12).eval()
+    ids = _ids()
+    base = model(ids)
+    # trimming leading padding columns or changing the width of padding changes nothing
+    wider = torch.cat([torch.zeros(8, 0, dtype=torch.long), ids], 1)
+    assert torch.allclose(model(wider), base, atol=1e-6)
+    assert torch.allclose(model(ids[:, -6:][ids[:, -7] == 0]), base[ids[:, -7] == 0], atol=1e-6)
+    # causal: the hidden state at position t does not change when later items change
+    hidden = model.hidden_states(ids)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] % 50) + 1
+    assert torch.allclose(model.hidden_states(changed)[:, :-1], hidden[:, :-1], atol=1e-6)
+    assert not torch.isnan(hidden).any()
+
+
+def test_sasrec_reference_settings() -> None:
+    model = SASRec(12101)
+    assert model.item_embedding.weight.shape == (12102, 64)
+    assert model.position_embedding.weight.shape == (50, 64)
+    assert len(model.blocks) == 2 and model.blocks[0].num_heads == 2
+    assert model.blocks[0].ffn[0].out_features == 256
+    assert model.input_norm.eps == 1e-12
+    std = model.item_embedding.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model(torch.ones(2, 51, dtype=torch.long))
+
+
+def test_fast_dropout_statistics() -> None:
+    torch.manual_seed(0)
+    drop = FastDropout(0.5).train()
+    x = torch.ones(200_000)
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.5) < 0.01
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_next_item_loss_excludes_padding() -> None:
+    h = torch.randn(4, 8)
+    table = torch.randn(6, 8)  # rows 1..6
+    target = torch.tensor([1, 6, 3, 2])
+    expected = F.cross_entropy(h @ table.T, target - 1)
+    assert torch.allclose(next_item_loss(h, table, target), expected)
+
+
+def test_info_nce_matches_hand_computation() -> None:
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    loss = info_nce(z1, z2, temperature=0.5)
+    z = torch.cat([z1, z2])
+    total = 0.0
+    for i in range(6):
+        pos = (i + 3) % 6
+        logits = [(z[i] @ z[j]).item() / 0.5 for j in range(6) if j != i]  # 2(B-1) negatives + 1 positive
+        assert len(logits) == 5
+        total += -((z[i] @ z[pos]).item() / 0.5 - math.log(sum(math.exp(v) for v in logits)))
+    assert loss.item() == pytest.approx(total / 6, rel=1e-5)
+    # perfectly aligned, well separated pairs give a loss near zero
+    e = torch.eye(3) * 20
+    assert info_nce(e, e).item() < 1e-3
+    assert info_nce(z1, z2, similarity="cos").item() > 0
+    assert info_nce(z1[:1], z2[:1]).item() == 0.0

@@ -1,0 +1,200 @@
+"""Pre-training stage end to end through the CLI: configs, checkpoints, determinism, resume,
+DDP exactness and W&B offline logging. All on real Beauty with short schedules."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from raserec.checkpoint import RECORD_KEY, load_encoder
+from raserec.cli import main
+from raserec.data.datamodule import SequenceDataModule
+from raserec.pretrain.module import PretrainModule
+from tests.conftest import BEAUTY, require
+from tests.wandb_log import logged
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _overrides(tmp: Path, name: str = "run") -> list[str]:
+    return [
+        "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+        "--checkpoint.dirpath", str(tmp / name),
+        "--data.cache_dir", str(tmp / "cache"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One debug pre-training run on Beauty (5 train batches, 1 epoch) shared by several tests."""
+    require(BEAUTY)
+    tmp = tmp_path_factory.mktemp("pretrain")
+    rc = main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+               *_overrides(tmp), "--results.path", str(tmp / "result.json")])
+    assert rc == 0
+    return tmp
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
+    base = [] if config.endswith(("pretrain.yaml", "sasrec.yaml", "raft.yaml")) else [
+        "--config", str(CONFIGS / "beauty_pretrain.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *base, "--config", str(CONFIGS / config), "--print_config"])
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("raserec.")
+    assert printed["data"]["data_path"].startswith("../shared/data/")
+
+
+def test_logger_overlay_parses(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config",
+              str(CONFIGS / "logger" / "wandb.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+
+
+def test_unknown_config_key_is_an_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--model.init_args.n_heads", "4"])
+    assert exc.value.code != 0
+
+
+def test_paper_settings_in_beauty_configs() -> None:
+    cfg = yaml.safe_load((CONFIGS / "beauty_pretrain.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    assert args["positive_pair"] == "dropout_and_same_target" and args["lambda_ret"] == 0.1
+    assert args["temperature"] == 1.0 and args["lr"] == 0.001
+    assert cfg["data"]["batch_size"] == 256 and cfg["trainer"]["max_epochs"] == 100
+    assert cfg["early_stopping"]["patience"] == 10
+    assert args["encoder"]["init_args"]["dropout"] == 0.5
+    base = yaml.safe_load((CONFIGS / "beauty_sasrec.yaml").read_text())["model"]["init_args"]
+    assert base["lambda_ret"] == 0.0 and base["positive_pair"] == "none"
+
+
+def test_debug_run_writes_self_describing_checkpoint(debug_run: Path) -> None:
+    ckpt = debug_run / "run" / "best.ckpt"
+    assert ckpt.exists() and (debug_run / "run" / "last.ckpt").exists()
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    record = blob[RECORD_KEY]
+    assert record["class_path"] == "raserec.models.encoders.sasrec.SASRec"
+    assert record["init_args"]["num_items"] == 12_101 and record["data"]["num_items"] == 12_101
+    encoder, fingerprint = load_encoder(ckpt)
+    assert fingerprint["content_hash"]
+    # the rebuilt encoder has exactly the trained module's weights
+    module = PretrainModule.load_from_checkpoint(ckpt, encoder=lambda n: type(encoder)(n))
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, module.encoder.state_dict()[name]), name
+
+
+def test_debug_run_results_file(debug_run: Path) -> None:
+    result = json.loads((debug_run / "result.json").read_text())
+    for key in ("command", "hardware", "dataset", "model", "seeds", "wall_time_s", "metrics"):
+        assert key in result
+    assert result["seeds"] == [2024]
+    assert 0.0 <= result["metrics"]["test/HR@10"] <= 1.0
+    assert result["metrics"]["test/NDCG@10"] <= result["metrics"]["test/HR@10"]
+    assert "test/HR@10_std" in result["metrics"]
+
+
+def test_predict_writes_original_ids(debug_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "top.csv"
+    rc = main(["predict", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+               *_overrides(tmp_path), "--trainer.limit_predict_batches", "1.0",
+               "--ckpt_path", str(debug_run / "run" / "best.ckpt"),
+               "--predict_output", str(out)])
+    assert rc == 0
+    import polars as pl
+
+    top = pl.read_csv(out)
+    assert top.height == 22_363 and top["user"].n_unique() == 22_363  # every user once
+    assert top.columns[:2] == ["user", "rank_1"]
+    assert top["user"].cast(str).to_list()[:3] == ["1", "2", "3"]  # original user ids
+    assert top["rank_1"].min() >= 1 and top["rank_1"].max() <= 12_101
+
+
+def _short_fit(seed: int, max_epochs: int, ckpt_dir: Path | None = None, resume: str | None = None):
+    L.seed_everything(seed, workers=True)
+    dm = SequenceDataModule(require(BEAUTY), batch_size=64, cache_dir=None)
+    dm.setup("fit")
+    model = PretrainModule(dm.num_items, encoder=lambda n: __import__("raserec.models.encoders", fromlist=["SASRec"])
+                           .SASRec(n, hidden_size=16, inner_size=32))
+    callbacks = []
+    if ckpt_dir is not None:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1))
+    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=4, limit_val_batches=2, logger=False,
+                        enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, enable_progress_bar=False,
+                        num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    return model, trainer
+
+
+def test_same_seed_same_metrics() -> None:
+    a, ta = _short_fit(7, 1)
+    b, tb = _short_fit(7, 1)
+    c, tc = _short_fit(8, 1)
+    assert ta.callback_metrics["val/HR@50"] == tb.callback_metrics["val/HR@50"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.encoder.item_embedding.weight, c.encoder.item_embedding.weight)
+
+
+def test_resume_reaches_the_same_weights(tmp_path: Path) -> None:
+    full, _ = _short_fit(3, 2)
+    _short_fit(3, 1, ckpt_dir=tmp_path)
+    resumed, _ = _short_fit(3, 2, ckpt_dir=tmp_path / "again", resume=str(tmp_path / "last.ckpt"))
+    for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def _test_metrics(tmp: Path, ckpt: Path, devices: int) -> dict[str, float]:
+    result = tmp / f"ddp{devices}.json"
+    cmd = [sys.executable, "-m", "raserec.cli", "test", "--config", str(CONFIGS / "beauty_pretrain.yaml"),
+           *_overrides(tmp, f"d{devices}"), "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+           "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
+           "--ckpt_path", str(ckpt), "--results.path", str(result), "--data.eval_batch_size", "500"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(result.read_text())["metrics"]
+
+
+def test_ddp_two_processes_equal_single_process(debug_run: Path) -> None:
+    ckpt = debug_run / "run" / "best.ckpt"
+    single = _test_metrics(debug_run, ckpt, 1)
+    double = _test_metrics(debug_run, ckpt, 2)
+    # 22,363 queries over 2 ranks: a padding sampler would count one query twice
+    assert single == double
+    assert single["test/HR@50"] > 0
+
+
+def test_wandb_offline_receives_metrics_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require(BEAUTY)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rc = main(["fit", "--config", str(CONFIGS / "beauty_sasrec.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+               "--config", str(CONFIGS / "logger" / "wandb.yaml"), "--trainer.logger.init_args.save_dir",
+               str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--test_after_fit", "true"])
+    assert rc == 0
+    import wandb
+
+    wandb.finish()
+    runs = glob.glob(str(tmp_path / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    assert runs, "no offline W&B run file"
+    history, config = logged(runs[0])
+    assert 0.0 <= history["val/HR@10"] <= 1.0 and 0.0 <= history["test/NDCG@10"] <= 1.0
+    resolved = config["config"]
+    assert resolved["model"]["init_args"]["lambda_ret"] == 0.0
+    assert resolved["data"]["data_path"].endswith("Beauty.txt")
+    assert resolved["trainer"]["logger"]["class_path"].endswith("WandbLogger")
