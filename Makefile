@@ -22,7 +22,8 @@ lint:  ## ruff check
 	$(BIN)/ruff check raserec tests benchmarks
 
 bench:  ## run the benchmarks, writing results/*_bench.json
-	$(BIN)/python benchmarks/data_bench.py --data $(DATA)
+	$(BIN)/python -m benchmarks.data_bench --data $(DATA)
+	$(BIN)/python -m benchmarks.train_bench --data $(DATA)
 
 results-table:  ## regenerate the README results table from results/*.json
 	$(BIN)/python -m raserec.results_table --write README.md
