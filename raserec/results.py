@@ -76,8 +76,9 @@ class ResultsWriter(L.Callback):
         self._curve: list[dict[str, float]] = []
         self._fit_time: float | None = None
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+    # on_validation_end runs after the module's epoch-end hook has logged this epoch's metrics.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if m:

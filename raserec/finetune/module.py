@@ -1,0 +1,213 @@
+"""Stage 2: retrieval-augmented fine-tuning (RAFT). The pre-trained encoder and item embeddings
+are frozen; only RAM learns to combine h with K memories retrieved from the memory bank."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder
+from raserec.data.batch import SequenceBatch
+from raserec.errors import CheckpointError, RaserecError
+from raserec.evaluation.module import RecommenderModule
+from raserec.finetune.ram import RetrievalAugmentedModule
+from raserec.memory.bank import IndexConfig, MemoryBank
+from raserec.memory.callback import MemoryBankCallback
+from raserec.models.losses import next_item_loss
+
+log = logging.getLogger(__name__)
+
+
+class RAFTModule(RecommenderModule):
+    """RaSeRec's second stage: frozen encoder + memory bank + trainable RAM.
+
+    The memory bank is built by a :class:`MemoryBankCallback` that this module adds itself
+    (``configure_callbacks``), before fit, validate, test and predict; it is not part of the
+    checkpoint (it is rebuilt from the frozen encoder and the data, or loaded from
+    ``bank_save_dir``). RAFT checkpoints embed the encoder record, so they can also serve as an
+    ``encoder_checkpoint``.
+
+    Args:
+        num_items: number of real items (linked from the datamodule by the CLI); must equal the
+            checkpoint's.
+        encoder_checkpoint: pre-training ``.ckpt`` (or a file from ``save_encoder``).
+        k: memories retrieved per query (K).
+        alpha: weight of h in h~ (1 = the pre-trained model).
+        beta: weight of channel 1 (h_k -> v_k) against channel 2 (v_k -> h_k).
+        ram_depth: cross-attention layers per RAM channel.
+        num_heads: RAM attention heads.
+        inner_size: RAM feed-forward inner size.
+        dropout: RAM dropout.
+        index: faiss index kind of the memory bank.
+        nlist: IVF lists.
+        nprobe: IVF lists probed per query.
+        overfetch: neighbours fetched per wanted neighbour before the leakage filter.
+        pq_m: ``ivf_pq`` sub-quantizers.
+        bank_batch_size: encoding batch size when building the bank.
+        bank_save_dir: save built banks here and reuse matching ones (``null``: keep in memory).
+        reuse_bank_h: during training take a query's h from the bank's payload (the encoder is
+            frozen and in eval mode, so it is the same vector) instead of re-encoding it.
+        lr: Adam learning rate (RAM parameters only).
+        weight_decay: Adam weight decay.
+        metric_ks: cut-offs of HR@K and NDCG@K.
+        mask_history: exclude already-seen items from the ranking.
+        predict_top_n: items per user written by ``raserec predict``.
+    """
+
+    def __init__(
+        self,
+        num_items: int | None = None,
+        *,
+        encoder_checkpoint: str,
+        k: int = 20,
+        alpha: float = 0.5,
+        beta: float = 1.0,
+        ram_depth: int = 2,
+        num_heads: int = 2,
+        inner_size: int = 256,
+        dropout: float = 0.5,
+        index: Literal["ivf_flat", "flat", "ivf_pq"] = "ivf_flat",
+        nlist: int = 128,
+        nprobe: int = 1,
+        overfetch: int = 4,
+        pq_m: int = 8,
+        bank_batch_size: int = 2048,
+        bank_save_dir: str | None = None,
+        reuse_bank_h: bool = True,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        metric_ks: Sequence[int] = (5, 10, 20, 50),
+        mask_history: bool = False,
+        predict_top_n: int = 10,
+    ) -> None:
+        super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.save_hyperparameters()
+        encoder, data_fingerprint = load_encoder(encoder_checkpoint)
+        ckpt_items = encoder.item_embedding.num_embeddings - 1
+        if num_items is not None and num_items != ckpt_items:
+            raise CheckpointError(
+                f"{encoder_checkpoint}: the encoder was trained on {ckpt_items} items, the data has {num_items}"
+            )
+        # Frozen: no gradients, and eval mode forever (see train()), so its dropout stays off
+        # and the bank's keys stay valid.
+        encoder.requires_grad_(False)
+        encoder.eval()
+        self.encoder = encoder
+        self.encoder_data = data_fingerprint
+        self.ram = RetrievalAugmentedModule(encoder.hidden_size, alpha=alpha, beta=beta, depth=ram_depth,
+                                            num_heads=num_heads, inner_size=inner_size, dropout=dropout)
+        self.k = k
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.reuse_bank_h = reuse_bank_h
+        self.bank_config = IndexConfig(kind=index, nlist=nlist, nprobe=nprobe, overfetch=overfetch, pq_m=pq_m)
+        self.memory_bank: MemoryBank | None = None
+        self.retrieval_seconds = 0.0  # time of the last search + filter + gather (for benchmarks)
+        self._bank_callback: MemoryBankCallback | None = None
+
+    # ---------------------------------------------------------------- frozen encoder
+    def train(self, mode: bool = True) -> RAFTModule:
+        super().train(mode)
+        self.encoder.eval()  # Lightning calls train() every epoch: keep the encoder's dropout off
+        return self
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.k > 0 and self.ram.alpha < 1.0
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # One instance for the module's lifetime, so its build counter spans fit and test.
+        if self._bank_callback is None:
+            self._bank_callback = MemoryBankCallback(
+                self.bank_config, batch_size=self.hparams.bank_batch_size, save_dir=self.hparams.bank_save_dir)
+        return [self._bank_callback]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        expected = self.encoder_data.get("content_hash")
+        if dm is not None and hasattr(dm, "data") and expected and dm.data.content_hash() != expected:
+            log.warning("the data differ from the data the encoder was pre-trained on (content hash %s != %s); "
+                        "fine after append_interactions, otherwise check data_path", dm.data.content_hash()[:12],
+                        expected[:12])
+
+    # ---------------------------------------------------------------- forward
+    def _bank(self) -> MemoryBank:
+        if self.memory_bank is None:
+            raise RaserecError("RAFTModule has no memory bank: run it through a Trainer (its MemoryBankCallback "
+                               "builds one) or assign module.memory_bank")
+        return self.memory_bank
+
+    def query_representation(self, batch: SequenceBatch) -> Tensor:
+        """h of the batch's prefixes from the frozen encoder (or the bank's payload, see ``reuse_bank_h``)."""
+        if self.training and self.reuse_bank_h and self.memory_bank is not None:
+            h = self._h_from_bank(batch)
+            if h is not None:
+                return h
+        with torch.no_grad():
+            return self.encoder(batch["input_ids"])
+
+    def _h_from_bank(self, batch: SequenceBatch) -> Tensor | None:
+        """The stored h of training queries, if the bank holds exactly these pairs at these rows
+        (the fit bank stores the training pairs in their dataset order); else ``None``."""
+        bank = self._bank()
+        rows = batch["index"].cpu().numpy()
+        if len(rows) == 0 or rows.max() >= len(bank):
+            return None
+        if not (np.array_equal(bank.users[rows], batch["user"].cpu().numpy())
+                and np.array_equal(bank.ends[rows], batch["end"].cpu().numpy())):
+            return None
+        return torch.from_numpy(bank.h[rows]).to(self.device)
+
+    def augment(self, h: Tensor, user: Tensor, end: Tensor) -> Tensor:
+        """h~: retrieve K memories for each query (no leakage) and combine them with RAM."""
+        if not self.uses_retrieval:
+            return h
+        start = time.perf_counter()
+        bank = self._bank()
+        rows, mask = bank.search(h, user, end, self.k)
+        h_k, targets = bank.gather(rows, mask)
+        h_k, targets, mask = h_k.to(self.device), targets.to(self.device), mask.to(self.device)
+        self.retrieval_seconds = time.perf_counter() - start
+        v_k = self.encoder.item_embedding(targets)
+        return self.ram(h, h_k, v_k, mask)
+
+    def user_representation(self, batch: SequenceBatch) -> Tensor:
+        return self.augment(self.query_representation(batch), batch["user"], batch["end"])
+
+    def item_weights(self) -> Tensor:
+        return self.encoder.item_weights()
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor | None:
+        h_tilde = self.user_representation(batch)
+        loss = next_item_loss(h_tilde, self.item_weights(), batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].size(0))
+        if not loss.requires_grad:  # alpha = 1 or K = 0: h~ = h, nothing to train
+            return None
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.ram.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The frozen encoder travels with the RAFT checkpoint: it can be re-used as
+        # encoder_checkpoint and load_encoder() reads it. The faiss index is not stored.
+        checkpoint[RECORD_KEY] = encoder_record(self.encoder, self.encoder_data)
+
+    @property
+    def bank_callback(self) -> MemoryBankCallback | None:
+        return self._bank_callback
+
+
+__all__ = ["RAFTModule"]

@@ -1,0 +1,144 @@
+"""RAM, the retrieval-augmented module of RaSeRec (paper Eq. 9-11).
+
+Two channels of multi-head cross-attention with the user representation h as the query:
+    channel 1: keys = retrieved h_k, values = retrieved target embeddings v_k
+    channel 2: keys = v_k, values = h_k
+    h~ = alpha * h + (1 - alpha) * (beta * c1 + (1 - beta) * c2)
+Each channel stacks ``depth`` cross-attention layers with a feed-forward network between
+consecutive ones (the authors: cross-attention -> FFN -> cross-attention), each sublayer with a
+RecBole-style residual connection and LayerNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raserec.models.encoders.sasrec import FastDropout
+
+
+class CrossAttention(nn.Module):
+    """RecBole's MultiHeadAttention with a separate query: ``LN(q + dropout(W_o attn(q, k, v)))``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_dropout = dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = FastDropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """``query`` ``[B, 1, d]``, ``keys``/``values`` ``[B, K, d]``, ``mask`` ``[B, K]`` (True =
+        attend; every row must have at least one True, see :class:`RetrievalAugmentedModule`)."""
+        b, n, d = query.shape
+        q, k, v = self._heads(self.query(query)), self._heads(self.key(keys)), self._heads(self.value(values))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(b, n, d)
+        return self.norm(query + self.dropout(self.out(ctx)))
+
+
+class FeedForward(nn.Module):
+    """RecBole's FeedForward: ``LN(x + dropout(W_2 GELU(W_1 x)))``."""
+
+    def __init__(self, hidden_size: int, inner_size: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, inner_size), nn.GELU(), nn.Linear(inner_size, hidden_size))
+        self.dropout = FastDropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.net(x)))
+
+
+class Channel(nn.Module):
+    """``depth`` cross-attention layers over the same memory, an FFN between consecutive ones."""
+
+    def __init__(self, hidden_size: int, depth: int, num_heads: int, inner_size: int, dropout: float,
+                 eps: float) -> None:
+        super().__init__()
+        self.attention = nn.ModuleList(CrossAttention(hidden_size, num_heads, dropout, eps) for _ in range(depth))
+        self.ffn = nn.ModuleList(FeedForward(hidden_size, inner_size, dropout, eps) for _ in range(depth - 1))
+
+    def forward(self, h: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        x = h.unsqueeze(1)
+        for i, attention in enumerate(self.attention):
+            x = attention(x, keys, values, mask)
+            if i < len(self.ffn):
+                x = self.ffn[i](x)
+        return x.squeeze(1)
+
+
+class RetrievalAugmentedModule(nn.Module):
+    """h~ from h and K retrieved memories (Eq. 9-11).
+
+    Masked (empty) memory slots are ignored by attention. A row with no valid memory at all gets
+    ``h~ = h`` exactly (attention over nothing is undefined; without memory there is nothing to
+    augment with). ``alpha == 1`` or ``K == 0`` returns ``h`` itself, so the scores equal the
+    pre-trained model's bit for bit. A channel whose weight is 0 (``beta`` 0 or 1) is not built.
+
+    Args:
+        hidden_size: d.
+        alpha: weight of h in h~.
+        beta: weight of channel 1 (h_k -> v_k) against channel 2 (v_k -> h_k).
+        depth: cross-attention layers per channel (FFN between consecutive ones).
+        num_heads: attention heads.
+        inner_size: FFN inner size.
+        dropout: dropout on attention probabilities and sublayer outputs.
+        layer_norm_eps: LayerNorm epsilon.
+        init_std: normal initialisation std (RecBole).
+    """
+
+    def __init__(self, hidden_size: int, alpha: float = 0.5, beta: float = 1.0, depth: int = 2, num_heads: int = 2,
+                 inner_size: int = 256, dropout: float = 0.5, layer_norm_eps: float = 1e-12,
+                 init_std: float = 0.02) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        args = (hidden_size, depth, num_heads, inner_size, dropout, layer_norm_eps)
+        self.channel1 = Channel(*args) if beta > 0.0 else None
+        self.channel2 = Channel(*args) if beta < 1.0 else None
+        self.init_std = init_std
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, self.init_std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+
+    def forward(self, h: Tensor, h_k: Tensor, v_k: Tensor, mask: Tensor) -> Tensor:
+        """``h`` ``[B, d]``; ``h_k``, ``v_k`` ``[B, K, d]``; ``mask`` ``[B, K]`` -> h~ ``[B, d]``."""
+        if self.alpha == 1.0 or h_k.size(1) == 0:
+            return h
+        has_memory = mask.any(dim=1)
+        if not bool(has_memory.any()):
+            return h
+        # Rows without memory attend to their (zero) padding slots just to stay finite; their
+        # output is replaced by h below.
+        safe = mask | ~has_memory.unsqueeze(1)
+        augmented = torch.zeros_like(h)
+        if self.channel1 is not None:
+            augmented = augmented + self.beta * self.channel1(h, h_k, v_k, safe)
+        if self.channel2 is not None:
+            augmented = augmented + (1.0 - self.beta) * self.channel2(h, v_k, h_k, safe)
+        out = self.alpha * h + (1.0 - self.alpha) * augmented
+        return torch.where(has_memory.unsqueeze(1), out, h)

@@ -1,0 +1,414 @@
+"""The memory bank: reference <prefix, target> pairs encoded by the frozen encoder, searchable
+with faiss, filtered so a query never sees its own pair or its own user's future.
+
+An entry holds
+    key      h / ||h||  (in the faiss index; inner product = cosine similarity)
+    payload  h (unnormalised, float32), the target item id, the user id and the prefix end.
+
+Pure code (no Lightning): :class:`raserec.memory.callback.MemoryBankCallback` decides when a bank
+is built, the RAFT module only calls :meth:`MemoryBank.search` and :meth:`MemoryBank.gather`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from raserec.checkpoint import state_fingerprint
+from raserec.data.batch import PairDataset
+from raserec.errors import CheckpointError
+from raserec.memory.faiss_import import faiss
+from raserec.models.encoders.base import SequenceEncoder
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["ivf_flat", "flat", "ivf_pq"]
+#: faiss's rule of thumb: k-means wants at least this many training points per centroid (#414).
+MIN_POINTS_PER_CENTROID = 39
+FORMAT_VERSION = 1
+_MANIFEST, _INDEX, _PAYLOAD = "manifest.json", "index.faiss", "payload.npz"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the bank's faiss index is built and searched.
+
+    Attributes:
+        kind: ``ivf_flat`` (the authors' IndexIVFFlat), ``flat`` (exact search) or ``ivf_pq``
+            (compressed, for large banks).
+        nlist: inverted lists (IVF centroids); shrunk when the bank is too small to train them.
+        nprobe: lists visited per query (1 in the paper; higher = better recall, slower).
+        pq_m: ``ivf_pq`` sub-quantizers (must divide the hidden size).
+        pq_bits: ``ivf_pq`` bits per sub-quantizer code.
+        overfetch: neighbours fetched per wanted neighbour before filtering (the authors use 4).
+        seed: k-means seed, so every process (DDP rank) builds the same index.
+    """
+
+    kind: IndexKind = "ivf_flat"
+    nlist: int = 128
+    nprobe: int = 1
+    pq_m: int = 8
+    pq_bits: int = 8
+    overfetch: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ivf_flat", "flat", "ivf_pq"):
+            raise ValueError(f"unknown index kind {self.kind!r}; use ivf_flat, flat or ivf_pq")
+        for name in ("nlist", "nprobe", "pq_m", "pq_bits", "overfetch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _f32(x: Tensor | np.ndarray) -> np.ndarray:
+    """float32, C-contiguous numpy copy-if-needed (what faiss accepts)."""
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _i64(x: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.int64).reshape(-1)
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation into a new array; zero rows stay zero (never NaN)."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(np.divide(x, norm, out=np.zeros_like(x), where=norm > 0))
+
+
+def _first_k(rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first ``k`` kept candidates in their (best-first) order; ``-1``/False pads."""
+    b, width = rows.shape
+    # A stable sort of "not kept" moves kept columns to the front without reordering them.
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    picked = np.take_along_axis(rows, order, axis=1)
+    mask = np.take_along_axis(keep, order, axis=1)
+    picked = np.where(mask, picked, -1)
+    if width < k:
+        picked = np.concatenate([picked, np.full((b, k - width), -1, np.int64)], axis=1)
+        mask = np.concatenate([mask, np.zeros((b, k - width), bool)], axis=1)
+    return picked, mask
+
+
+def encoder_device(encoder: torch.nn.Module) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+@torch.no_grad()
+def encode_pairs(
+    encoder: SequenceEncoder,
+    dataset: PairDataset,
+    batch_size: int = 2048,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """h of every pair's prefix, ``[P, d]`` float32, with the encoder in eval mode (restored after).
+
+    Pairs are encoded in order of prefix length: a batch of similar lengths carries little
+    padding, which the encoders drop, so this is several times faster than dataset order.
+    """
+    n = len(dataset)
+    device = torch.device(device) if device is not None else encoder_device(encoder)
+    out = torch.empty(n, encoder.hidden_size, dtype=torch.float32)
+    lengths = np.minimum(dataset.pairs.end, dataset.max_len)
+    order = torch.from_numpy(np.argsort(lengths, kind="stable"))
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="memory bank: encoding", unit="batch",
+                          disable=not progress, leave=False):
+            rows = order[start:start + batch_size]
+            out[rows] = encoder(dataset.prefixes(rows).to(device)).float().cpu()
+    finally:
+        encoder.train(was_training)
+    return out.numpy()
+
+
+# ----------------------------------------------------------------------------- the bank
+class MemoryBank:
+    """A faiss index over normalised h plus the payload arrays, row-aligned with the index ids.
+
+    Build one with :meth:`build` (encode a :class:`PairDataset`) or :meth:`from_arrays`.
+
+    Args:
+        dim: hidden size d.
+        config: index settings.
+        encoder_fingerprint: :func:`raserec.checkpoint.state_fingerprint` of the encoder whose
+            h the bank holds (checked by :meth:`load`).
+        reference_version: the datamodule's ``reference_version`` of the stored pairs.
+    """
+
+    def __init__(self, dim: int, config: IndexConfig | None = None, encoder_fingerprint: str | None = None,
+                 reference_version: str | None = None) -> None:
+        self.dim = int(dim)
+        self.config = config or IndexConfig()
+        self.encoder_fingerprint = encoder_fingerprint
+        self.reference_version = reference_version
+        self.h = np.empty((0, self.dim), np.float32)
+        self.users = np.empty(0, np.int64)
+        self.ends = np.empty(0, np.int64)
+        self.targets = np.empty(0, np.int64)
+        self.index: Any = None
+        self._quantizer: Any = None
+        self.kind: IndexKind = "flat"  # the kind actually built (may differ from config.kind)
+        self.nlist = 0  # effective number of lists (0 for flat)
+        self.build_seconds = 0.0
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_arrays(cls, h: Tensor | np.ndarray, users: Tensor | np.ndarray, ends: Tensor | np.ndarray,
+                    targets: Tensor | np.ndarray, config: IndexConfig | None = None,
+                    encoder_fingerprint: str | None = None, reference_version: str | None = None) -> MemoryBank:
+        """Train the index on ``h`` (k-means for IVF) and add every entry."""
+        start = time.perf_counter()
+        h = _f32(h)
+        if h.ndim != 2:
+            raise ValueError(f"h must be [P, d], got shape {h.shape}")
+        bank = cls(h.shape[1], config, encoder_fingerprint, reference_version)
+        bank._create_index(_normalized(h))
+        bank.add(h, users, ends, targets)
+        bank.build_seconds = time.perf_counter() - start
+        return bank
+
+    @classmethod
+    def build(cls, encoder: SequenceEncoder, dataset: PairDataset, config: IndexConfig | None = None, *,
+              batch_size: int = 2048, device: torch.device | str | None = None, progress: bool = True,
+              reference_version: str | None = None) -> MemoryBank:
+        """Encode every pair of ``dataset`` with the (frozen) ``encoder`` and index them."""
+        start = time.perf_counter()
+        h = encode_pairs(encoder, dataset, batch_size, device, progress)
+        pairs = dataset.pairs
+        bank = cls.from_arrays(h, pairs.user, pairs.end, pairs.target, config,
+                               state_fingerprint(encoder), reference_version)
+        bank.build_seconds = time.perf_counter() - start
+        return bank
+
+    def _create_index(self, keys: np.ndarray) -> None:
+        """Choose and train the index for ``keys`` (normalised), shrinking IVF when too small."""
+        n, d, cfg = len(keys), self.dim, self.config
+        kind, nlist = cfg.kind, cfg.nlist
+        if kind == "ivf_pq":
+            if d % cfg.pq_m:
+                raise ValueError(f"ivf_pq: pq_m={cfg.pq_m} does not divide the hidden size {d}")
+            needed = MIN_POINTS_PER_CENTROID * max(nlist, 2 ** cfg.pq_bits)
+            if n < needed:
+                log.warning("memory bank: %d entries are too few to train ivf_pq (needs %d); using ivf_flat",
+                            n, needed)
+                kind = "ivf_flat"
+        if kind != "flat":
+            fit = n // MIN_POINTS_PER_CENTROID
+            if fit < 2:
+                if n:
+                    log.warning("memory bank: %d entries are too few for an IVF index; using exact flat search", n)
+                kind = "flat"
+            elif fit < nlist:
+                log.warning("memory bank: %d entries are too few for nlist=%d (faiss wants %d per list); "
+                            "using nlist=%d", n, nlist, MIN_POINTS_PER_CENTROID, fit)
+                nlist = fit
+        metric = faiss.METRIC_INNER_PRODUCT
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+            self._quantizer = None
+            nlist = 0
+        else:
+            self._quantizer = faiss.IndexFlatIP(d)  # kept referenced: the IVF index does not own it
+            if kind == "ivf_flat":
+                index = faiss.IndexIVFFlat(self._quantizer, d, nlist, metric)
+            else:
+                index = faiss.IndexIVFPQ(self._quantizer, d, nlist, cfg.pq_m, cfg.pq_bits, metric)
+                index.pq.cp.seed = cfg.seed
+            index.cp.seed = cfg.seed  # deterministic k-means: every rank builds the same index
+            index.train(keys)
+            index.nprobe = min(cfg.nprobe, nlist)
+        self.index, self.kind, self.nlist = index, kind, nlist
+
+    def add(self, h: Tensor | np.ndarray, users: Tensor | np.ndarray, ends: Tensor | np.ndarray,
+            targets: Tensor | np.ndarray) -> None:
+        """Append entries (the dynamic memory bank): no encoder retraining, no index retraining."""
+        h = _f32(h)
+        users, ends, targets = _i64(users), _i64(ends), _i64(targets)
+        if h.ndim != 2 or h.shape[1] != self.dim:
+            raise ValueError(f"h must be [P, {self.dim}], got shape {h.shape}")
+        if not len(h) == len(users) == len(ends) == len(targets):
+            raise ValueError("h, users, ends and targets must have the same length")
+        if self.index is None:
+            self._create_index(_normalized(h))
+        if len(h):
+            self.index.add(_normalized(h))
+        self.h = np.concatenate([self.h, h]) if len(self.h) else h
+        self.users = np.concatenate([self.users, users])
+        self.ends = np.concatenate([self.ends, ends])
+        self.targets = np.concatenate([self.targets, targets])
+
+    # ---------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.index.nprobe) if self.nlist else 0
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists visited per query (IVF only; ignored by flat indexes)."""
+        if self.nlist:
+            self.index.nprobe = max(1, min(int(nprobe), self.nlist))
+
+    def _filtered(self, keys: np.ndarray, users: np.ndarray, ends: np.ndarray,
+                  fetch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw search of ``fetch`` candidates; ``keep`` marks the allowed ones."""
+        _, rows = self.index.search(keys, fetch)
+        valid = rows >= 0  # faiss pads with -1 when a probed list runs out: never a real row
+        safe = np.where(valid, rows, 0)
+        # No leakage: drop the query's own pair and every pair of its user that ends at or
+        # after the query's end (that pair's prefix would contain the query's target).
+        own_future = (self.users[safe] == users[:, None]) & (self.ends[safe] >= ends[:, None])
+        keep = valid & ~own_future
+        exhausted = ~valid.all(axis=1)  # the index had no more candidates for this row
+        return rows, keep, exhausted
+
+    def search(self, query_h: Tensor | np.ndarray, query_user: Tensor | np.ndarray,
+               query_end: Tensor | np.ndarray, k: int, overfetch: int | None = None,
+               max_rounds: int = 4) -> tuple[Tensor, Tensor]:
+        """The ``k`` most similar allowed entries of each query.
+
+        Returns ``rows`` ``[B, k]`` int64 (bank rows, ``-1`` in empty slots) and ``mask``
+        ``[B, k]`` bool (True = a real neighbour), best first. Candidates are over-fetched
+        (``overfetch * k``); rows left with fewer than ``k`` after filtering are searched again
+        with a 4x larger fetch (at most ``max_rounds`` times) unless the index ran out.
+        """
+        keys = _f32(query_h)
+        users, ends = _i64(query_user), _i64(query_end)
+        b = len(users)
+        if keys.ndim != 2 or len(keys) != b or len(ends) != b:
+            raise ValueError("query_h must be [B, d] and query_user/query_end [B]")
+        if k <= 0 or len(self) == 0 or b == 0:
+            k = max(k, 0)
+            return torch.full((b, k), -1, dtype=torch.int64), torch.zeros(b, k, dtype=torch.bool)
+        if keys.shape[1] != self.dim:
+            raise ValueError(f"query_h has dimension {keys.shape[1]}, the bank {self.dim}")
+        keys = _normalized(keys)
+        n = len(self)
+        fetch = min(n, k * (overfetch or self.config.overfetch))
+        rows, keep, exhausted = self._filtered(keys, users, ends, fetch)
+        out_rows, out_mask = _first_k(rows, keep, k)
+        # Users with long histories can have more than (overfetch - 1) * k of their own future
+        # pairs among the candidates: fetch more for just those rows (vectorised per round).
+        for _ in range(max_rounds):
+            short = (out_mask.sum(axis=1) < k) & ~exhausted
+            if fetch >= n or not short.any():
+                break
+            fetch = min(n, fetch * 4)
+            idx = np.flatnonzero(short)
+            r2, k2, e2 = self._filtered(keys[idx], users[idx], ends[idx], fetch)
+            out_rows[idx], out_mask[idx] = _first_k(r2, k2, k)
+            exhausted[idx] = e2
+        return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
+
+    def gather(self, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Payload of the retrieved rows: ``h_k`` ``[B, k, d]`` float32 and target ids ``[B, k]``
+        int64, zeros where ``mask`` is False. CPU tensors."""
+        rows, mask = rows.cpu(), mask.cpu()
+        b, k = rows.shape
+        if len(self) == 0 or k == 0:
+            return torch.zeros(b, k, self.dim), torch.zeros(b, k, dtype=torch.int64)
+        safe = torch.where(mask, rows, torch.zeros_like(rows))
+        h = torch.from_numpy(self.h)[safe]
+        h = torch.where(mask.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype))
+        targets = torch.from_numpy(self.targets)[safe].masked_fill(~mask, 0)
+        return h, targets
+
+    # ---------------------------------------------------------------- persistence
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "encoder_fingerprint": self.encoder_fingerprint,
+            "reference_version": self.reference_version,
+            "size": len(self),
+            "dim": self.dim,
+            "index_kind": self.kind,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "config": asdict(self.config),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``index.faiss``, ``payload.npz`` and ``manifest.json`` (last, so a partial save
+        is never mistaken for a complete one)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _MANIFEST).unlink(missing_ok=True)
+        faiss.write_index(self.index, str(directory / _INDEX))
+        np.savez(directory / _PAYLOAD, h=self.h, users=self.users, ends=self.ends, targets=self.targets)
+        tmp = directory / (_MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp.replace(directory / _MANIFEST)
+        return directory
+
+    @staticmethod
+    def read_manifest(directory: str | Path) -> dict[str, Any]:
+        path = Path(directory) / _MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no memory bank here (missing {_MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: unreadable memory bank manifest ({exc})") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: memory bank format {manifest.get('format_version')} != {FORMAT_VERSION}")
+        return manifest
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_encoder: SequenceEncoder | str | None = None,
+             expected_reference_version: str | None = None) -> MemoryBank:
+        """Read a saved bank, refusing a stale one: ``expected_encoder`` (an encoder or its
+        :func:`state_fingerprint`) and ``expected_reference_version`` must match the manifest."""
+        directory = Path(directory)
+        manifest = cls.read_manifest(directory)
+        check_manifest(manifest, directory, expected_encoder, expected_reference_version)
+        known = {f.name for f in fields(IndexConfig)}
+        config = IndexConfig(**{k: v for k, v in manifest["config"].items() if k in known})
+        bank = cls(manifest["dim"], config, manifest["encoder_fingerprint"], manifest["reference_version"])
+        try:
+            bank.index = faiss.read_index(str(directory / _INDEX))
+            with np.load(directory / _PAYLOAD) as payload:
+                bank.h = np.ascontiguousarray(payload["h"], np.float32)
+                bank.users, bank.ends, bank.targets = (payload[k].astype(np.int64) for k in ("users", "ends", "targets"))
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: damaged memory bank ({type(exc).__name__}: {exc})") from exc
+        bank.kind, bank.nlist = manifest["index_kind"], manifest["nlist"]
+        if not bank.index.ntotal == len(bank.h) == len(bank.users) == manifest["size"]:
+            raise CheckpointError(f"{directory}: index has {bank.index.ntotal} entries, payload {len(bank.h)}, "
+                                  f"manifest {manifest['size']}")
+        bank.set_nprobe(manifest["nprobe"])
+        return bank
+
+
+def check_manifest(manifest: dict[str, Any], directory: str | Path, expected_encoder: SequenceEncoder | str | None,
+                   expected_reference_version: str | None) -> None:
+    """Raise :class:`CheckpointError` when a saved bank belongs to another encoder or reference set."""
+    if expected_encoder is not None:
+        expected = expected_encoder if isinstance(expected_encoder, str) else state_fingerprint(expected_encoder)
+        found = manifest.get("encoder_fingerprint")
+        if found != expected:
+            raise CheckpointError(
+                f"{directory}: stale memory bank: it was built with encoder {str(found)[:12]}, but the current "
+                f"encoder is {expected[:12]}; delete it or point save_dir elsewhere so it is rebuilt"
+            )
+    if expected_reference_version is not None and manifest.get("reference_version") != expected_reference_version:
+        raise CheckpointError(
+            f"{directory}: stale memory bank: it holds reference set {manifest.get('reference_version')}, but the "
+            f"data's reference set is {expected_reference_version} (data or split changed); delete it to rebuild"
+        )
