@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         pkg_log.addHandler(handler)
         pkg_log.setLevel(logging.INFO)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_HELP)
+        try:
+            print(_HELP)
+        except BrokenPipeError:  # e.g. `raserec --help | head`
+            pass
         return 0
     command, rest = argv[0], argv[1:]
     try:

@@ -3,6 +3,7 @@ checkpointing, early stopping and the results file, and tests the best checkpoin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -38,8 +39,6 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is not None:
             config = self.parser.dump(self.config, skip_none=False, format="json")
-            import json
-
             trainer.logger.log_hyperparams({"config": json.loads(config)})
 
 
@@ -78,7 +77,9 @@ class RaserecCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         spec = self.config_init[self.subcommand].get("results") if self.subcommand else None
         if spec is not None and spec.path:
-            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes))
+            parser = self._parser(self.subcommand)
+            config = json.loads(parser.dump(self.config[self.subcommand], skip_none=False, format="json"))
+            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes, config=config))
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         return trainer

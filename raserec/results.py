@@ -65,9 +65,12 @@ class ResultsWriter(L.Callback):
         dataset: dataset name recorded in the file.
         model: model name recorded in the file.
         notes: free text (schedule, deviations from the paper).
+        config: the resolved configuration of the run, stored beside the figures.
     """
 
-    def __init__(self, path: str, dataset: str, model: str, notes: str = "") -> None:
+    def __init__(self, path: str, dataset: str, model: str, notes: str = "",
+                 config: dict[str, Any] | None = None) -> None:
+        self.config = config
         self.path = path
         self.dataset = dataset
         self.model = model
@@ -107,5 +110,6 @@ class ResultsWriter(L.Callback):
             "notes": self.notes,
             "metrics": metrics,
             "val_curve": self._curve,
+            "config": self.config,
         }
         write_results(self.path, record)

@@ -94,3 +94,17 @@ def test_info_nce_matches_hand_computation() -> None:
     assert info_nce(e, e).item() < 1e-3
     assert info_nce(z1, z2, similarity="cos").item() > 0
     assert info_nce(z1[:1], z2[:1]).item() == 0.0
+
+
+def test_two_dropout_views_of_one_batch_differ() -> None:
+    # us_x feeds the same sequences twice in one call: the views must get independent dropout
+    # masks (an augmentation that reuses a tensor in place would make them identical).
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12)
+    ids = _ids()
+    model.train()
+    a, b = model(torch.cat([ids, ids])).split(len(ids))
+    assert (a - b).abs().max() > 1e-3
+    model.eval()
+    a, b = model(torch.cat([ids, ids])).split(len(ids))
+    assert torch.equal(a, b)

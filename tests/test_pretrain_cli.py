@@ -106,6 +106,8 @@ def test_debug_run_results_file(debug_run: Path) -> None:
     assert 0.0 <= result["metrics"]["test/HR@10"] <= 1.0
     assert result["metrics"]["test/NDCG@10"] <= result["metrics"]["test/HR@10"]
     assert "test/HR@10_std" in result["metrics"]
+    assert result["config"]["model"]["init_args"]["lambda_ret"] == 0.1  # resolved config beside the figures
+    assert [c["epoch"] for c in result["val_curve"]] == [1]
 
 
 def test_predict_writes_original_ids(debug_run: Path, tmp_path: Path) -> None:
@@ -198,3 +200,38 @@ def test_wandb_offline_receives_metrics_and_config(tmp_path: Path, monkeypatch: 
     assert resolved["model"]["init_args"]["lambda_ret"] == 0.0
     assert resolved["data"]["data_path"].endswith("Beauty.txt")
     assert resolved["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("prepare", "stats", "fit", "validate", "test", "predict"):
+        assert f"\n  {command}" in out
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["fit", "--config", str(CONFIGS / "beauty_sasrec.yaml"), "--data.data_path", str(tmp_path / "nope.txt"),
+               "--checkpoint.dirpath", str(tmp_path / "ckpt")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "nope.txt" in err[-1]
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_test_metrics_do_not_depend_on_eval_batch_size() -> None:
+    torch.manual_seed(0)
+    results = []
+    model = None
+    for bs in (1024, 333):
+        dm = SequenceDataModule(require(BEAUTY), eval_batch_size=bs, cache_dir=None)
+        dm.setup("test")
+        if model is None:
+            model = PretrainModule(dm.num_items, positive_pair="none", lambda_ret=0.0)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        results.append(trainer.test(model, datamodule=dm, verbose=False)[0])
+    assert results[0] == results[1]

@@ -48,7 +48,9 @@ class RAFTModule(RecommenderModule):
         index: faiss index kind of the memory bank.
         nlist: IVF lists.
         nprobe: IVF lists probed per query.
-        overfetch: neighbours fetched per wanted neighbour before the leakage filter.
+        overfetch: candidates fetched before the leakage filter: ``null`` = exactly K plus the
+            query's own dropped entries (same neighbours as any larger over-fetch, fastest);
+            an int m = the authors' fixed m * K (they use 4).
         pq_m: ``ivf_pq`` sub-quantizers.
         bank_batch_size: encoding batch size when building the bank.
         bank_save_dir: save built banks here and reuse matching ones (``null``: keep in memory).
@@ -76,7 +78,7 @@ class RAFTModule(RecommenderModule):
         index: Literal["ivf_flat", "flat", "ivf_pq"] = "ivf_flat",
         nlist: int = 128,
         nprobe: int = 1,
-        overfetch: int = 4,
+        overfetch: int | None = None,
         pq_m: int = 8,
         bank_batch_size: int = 2048,
         bank_save_dir: str | None = None,

@@ -36,6 +36,7 @@ IndexKind = Literal["ivf_flat", "flat", "ivf_pq"]
 MIN_POINTS_PER_CENTROID = 39
 FORMAT_VERSION = 1
 _MANIFEST, _INDEX, _PAYLOAD = "manifest.json", "index.faiss", "payload.npz"
+_END_SPAN = 1 << 31  # user * _END_SPAN + end orders entries by (user, end) in one int64
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,11 @@ class IndexConfig:
         nprobe: lists visited per query (1 in the paper; higher = better recall, slower).
         pq_m: ``ivf_pq`` sub-quantizers (must divide the hidden size).
         pq_bits: ``ivf_pq`` bits per sub-quantizer code.
-        overfetch: neighbours fetched per wanted neighbour before filtering (the authors use 4).
+        overfetch: ``None`` (default): each query fetches exactly ``k`` plus the number of its own
+            user's entries the filter will drop (counted in advance, rounded up to a power of
+            two), so at least ``k`` survive whenever the index has them; same neighbours as any
+            larger over-fetch, at the cost of a small one. An int ``m``: the authors' fixed
+            over-fetch of ``m * k`` (they use 4), re-searched larger for rows left short.
         seed: k-means seed, so every process (DDP rank) builds the same index.
     """
 
@@ -58,14 +63,14 @@ class IndexConfig:
     nprobe: int = 1
     pq_m: int = 8
     pq_bits: int = 8
-    overfetch: int = 4
+    overfetch: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("ivf_flat", "flat", "ivf_pq"):
             raise ValueError(f"unknown index kind {self.kind!r}; use ivf_flat, flat or ivf_pq")
         for name in ("nlist", "nprobe", "pq_m", "pq_bits", "overfetch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
@@ -166,6 +171,7 @@ class MemoryBank:
         self.kind: IndexKind = "flat"  # the kind actually built (may differ from config.kind)
         self.nlist = 0  # effective number of lists (0 for flat)
         self.build_seconds = 0.0
+        self._user_end: np.ndarray | None = None  # sorted user * 2^31 + end, for own_future_count
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -252,6 +258,7 @@ class MemoryBank:
         self.users = np.concatenate([self.users, users])
         self.ends = np.concatenate([self.ends, ends])
         self.targets = np.concatenate([self.targets, targets])
+        self._user_end = None
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -265,6 +272,16 @@ class MemoryBank:
         """Lists visited per query (IVF only; ignored by flat indexes)."""
         if self.nlist:
             self.index.nprobe = max(1, min(int(nprobe), self.nlist))
+
+    def own_future_count(self, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """How many entries the leakage filter drops for each query: entries of the query's
+        user that end at or after the query's end (one binary search per query)."""
+        if self._user_end is None:
+            self._user_end = np.sort(self.users * _END_SPAN + self.ends)
+        base = users * _END_SPAN
+        hi = np.searchsorted(self._user_end, base + (_END_SPAN - 1), side="right")
+        lo = np.searchsorted(self._user_end, base + np.clip(ends, 0, _END_SPAN - 1), side="left")
+        return (hi - lo).astype(np.int64)
 
     def _filtered(self, keys: np.ndarray, users: np.ndarray, ends: np.ndarray,
                   fetch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -285,9 +302,10 @@ class MemoryBank:
         """The ``k`` most similar allowed entries of each query.
 
         Returns ``rows`` ``[B, k]`` int64 (bank rows, ``-1`` in empty slots) and ``mask``
-        ``[B, k]`` bool (True = a real neighbour), best first. Candidates are over-fetched
-        (``overfetch * k``); rows left with fewer than ``k`` after filtering are searched again
-        with a 4x larger fetch (at most ``max_rounds`` times) unless the index ran out.
+        ``[B, k]`` bool (True = a real neighbour), best first. How many candidates are fetched
+        before filtering: see :attr:`IndexConfig.overfetch` (``overfetch`` overrides it). In the
+        fixed mode, rows left with fewer than ``k`` are searched again with a 4x larger fetch
+        (at most ``max_rounds`` times) unless the index ran out of candidates.
         """
         keys = _f32(query_h)
         users, ends = _i64(query_user), _i64(query_end)
@@ -301,18 +319,32 @@ class MemoryBank:
             raise ValueError(f"query_h has dimension {keys.shape[1]}, the bank {self.dim}")
         keys = _normalized(keys)
         n = len(self)
-        fetch = min(n, k * (overfetch or self.config.overfetch))
-        rows, keep, exhausted = self._filtered(keys, users, ends, fetch)
+        overfetch = overfetch if overfetch is not None else self.config.overfetch
+        out_rows = np.full((b, k), -1, np.int64)
+        out_mask = np.zeros((b, k), bool)
+        if overfetch is None:
+            # Exact need: k + the entries the filter will drop. Rounded up to powers of two so
+            # a batch needs only a handful of faiss calls (one per distinct fetch size).
+            drop = self.own_future_count(users, ends)
+            pad = np.where(drop > 0, 2 ** np.ceil(np.log2(np.maximum(drop, 1))), 0).astype(np.int64)
+            fetch = np.minimum(k + pad, n)
+            for size in np.unique(fetch):
+                idx = np.flatnonzero(fetch == size)
+                rows, keep, _ = self._filtered(keys[idx], users[idx], ends[idx], int(size))
+                out_rows[idx], out_mask[idx] = _first_k(rows, keep, k)
+            return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
+        size = min(n, k * overfetch)
+        rows, keep, exhausted = self._filtered(keys, users, ends, size)
         out_rows, out_mask = _first_k(rows, keep, k)
         # Users with long histories can have more than (overfetch - 1) * k of their own future
         # pairs among the candidates: fetch more for just those rows (vectorised per round).
         for _ in range(max_rounds):
             short = (out_mask.sum(axis=1) < k) & ~exhausted
-            if fetch >= n or not short.any():
+            if size >= n or not short.any():
                 break
-            fetch = min(n, fetch * 4)
+            size = min(n, size * 4)
             idx = np.flatnonzero(short)
-            r2, k2, e2 = self._filtered(keys[idx], users[idx], ends[idx], fetch)
+            r2, k2, e2 = self._filtered(keys[idx], users[idx], ends[idx], size)
             out_rows[idx], out_mask[idx] = _first_k(r2, k2, k)
             exhausted[idx] = e2
         return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
@@ -320,15 +352,15 @@ class MemoryBank:
     def gather(self, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Payload of the retrieved rows: ``h_k`` ``[B, k, d]`` float32 and target ids ``[B, k]``
         int64, zeros where ``mask`` is False. CPU tensors."""
-        rows, mask = rows.cpu(), mask.cpu()
-        b, k = rows.shape
+        rows_np, mask_np = rows.cpu().numpy(), mask.cpu().numpy()
+        b, k = rows_np.shape
         if len(self) == 0 or k == 0:
             return torch.zeros(b, k, self.dim), torch.zeros(b, k, dtype=torch.int64)
-        safe = torch.where(mask, rows, torch.zeros_like(rows))
-        h = torch.from_numpy(self.h)[safe]
-        h = torch.where(mask.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype))
-        targets = torch.from_numpy(self.targets)[safe].masked_fill(~mask, 0)
-        return h, targets
+        safe = np.where(mask_np, rows_np, 0).reshape(-1)  # -1 (empty) never indexes a real row
+        h = np.take(self.h, safe, axis=0).reshape(b, k, self.dim)  # np.take: ~10x torch indexing
+        h[~mask_np] = 0.0
+        targets = np.where(mask_np, self.targets[safe].reshape(b, k), 0)
+        return torch.from_numpy(h), torch.from_numpy(targets)
 
     # ---------------------------------------------------------------- persistence
     def manifest(self) -> dict[str, Any]:
@@ -350,6 +382,8 @@ class MemoryBank:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / _MANIFEST).unlink(missing_ok=True)
+        if self.index is None:  # a bank that never saw an entry: save an empty exact index
+            self._create_index(np.empty((0, self.dim), np.float32))
         faiss.write_index(self.index, str(directory / _INDEX))
         np.savez(directory / _PAYLOAD, h=self.h, users=self.users, ends=self.ends, targets=self.targets)
         tmp = directory / (_MANIFEST + ".tmp")

@@ -1,0 +1,310 @@
+"""RAFT: RAM semantics (alpha = 1, K = 0, no memory), the frozen encoder, the memory-bank
+callback's rebuild policy, checkpoints and the CLI end to end on real Beauty."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from raserec.checkpoint import RECORD_KEY, load_encoder, save_encoder
+from raserec.cli import main
+from raserec.data.datamodule import SequenceDataModule
+from raserec.errors import CheckpointError, RaserecError
+from raserec.finetune.module import RAFTModule
+from raserec.finetune.ram import RetrievalAugmentedModule
+from raserec.memory.bank import MemoryBank
+from raserec.memory.callback import MemoryBankCallback
+from tests.conftest import BEAUTY, require
+from tests.test_memory_bank import synthetic_data, synthetic_dm, tiny_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def data_and_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """Synthetic data (600 users) and a random-init tiny SASRec saved as a pre-training checkpoint."""
+    data = synthetic_data(num_users=600)
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    save_encoder(tiny_encoder(data.num_items), path, {"num_items": data.num_items,
+                                                      "content_hash": data.content_hash()})
+    return data, path
+
+
+def _dm(data, **kwargs) -> SequenceDataModule:
+    return synthetic_dm(data, batch_size=kwargs.pop("batch_size", 64), eval_batch_size=128, **kwargs)
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _batch(dm: SequenceDataModule, split: str = "val", n: int = 64):
+    return dm.dataset(split).__getitems__(list(range(n)))
+
+
+# ----------------------------------------------------------------------------- RAM
+def test_ram_alpha_one_k_zero_and_rows_without_memory() -> None:
+    torch.manual_seed(0)
+    h, h_k, v_k = torch.randn(4, 16), torch.randn(4, 5, 16), torch.randn(4, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5, [True] + [False] * 4])
+    ram = RetrievalAugmentedModule(16, alpha=0.5, beta=0.7).eval()
+    out = ram(h, h_k, v_k, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[2], h[2])  # no memory: h~ = h exactly, never NaN
+    assert not torch.allclose(out[0], h[0])
+    # masked slots are ignored: changing their contents changes nothing
+    noisy_h, noisy_v = h_k.clone(), v_k.clone()
+    noisy_h[~mask] = 100.0
+    noisy_v[~mask] = -100.0
+    torch.testing.assert_close(ram(h, noisy_h, noisy_v, mask), out)
+    # gradients stay finite with all-masked rows
+    ram.train()
+    ram(h, h_k, v_k, mask).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ram.parameters() if p.grad is not None)
+    assert torch.equal(RetrievalAugmentedModule(16, alpha=1.0)(h, h_k, v_k, mask), h)
+    assert torch.equal(ram(h, h_k[:, :0], v_k[:, :0], mask[:, :0]), h)
+    assert ram.channel1 is not None and ram.channel2 is not None
+    one = RetrievalAugmentedModule(16, beta=1.0, depth=3)
+    assert one.channel2 is None and len(one.channel1.attention) == 3 and len(one.channel1.ffn) == 2
+
+
+def test_ram_formula_alpha_zero_beta_mix() -> None:
+    """h~ = alpha h + (1 - alpha)(beta c1 + (1 - beta) c2), checked against the channels."""
+    torch.manual_seed(1)
+    h, h_k, v_k = torch.randn(3, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    ram = RetrievalAugmentedModule(8, alpha=0.3, beta=0.6, num_heads=2).eval()
+    c1 = ram.channel1(h, h_k, v_k, mask)
+    c2 = ram.channel2(h, v_k, h_k, mask)
+    torch.testing.assert_close(ram(h, h_k, v_k, mask), 0.3 * h + 0.7 * (0.6 * c1 + 0.4 * c2))
+
+
+# ----------------------------------------------------------------------------- module
+def _module(ckpt: Path, **kwargs) -> RAFTModule:
+    return RAFTModule(encoder_checkpoint=str(ckpt), **{"nlist": 16, **kwargs})
+
+
+def _attach_bank(module: RAFTModule, dm: SequenceDataModule) -> None:
+    module.memory_bank = MemoryBank.build(module.encoder, dm.dataset("train"), module.bank_config, progress=False)
+
+
+def test_alpha_one_and_k_zero_give_the_pretrained_scores(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    batch = _batch(dm)
+    encoder, _ = load_encoder(ckpt)
+    with torch.no_grad():
+        expected = encoder.eval().score(encoder(batch["input_ids"]))
+    for kwargs in ({"alpha": 1.0}, {"k": 0}, {"alpha": 0.5}):
+        module = _module(ckpt, **kwargs).eval()
+        _attach_bank(module, dm)
+        with torch.no_grad():
+            scores = module.scores(batch)
+        assert torch.equal(scores, expected) == (kwargs != {"alpha": 0.5}), kwargs
+    # an empty bank: nothing to retrieve, h~ = h
+    module = _module(ckpt).eval()
+    module.memory_bank = MemoryBank(encoder.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(module.scores(batch), expected)
+    module.memory_bank = None
+    with pytest.raises(RaserecError, match="no memory bank"):
+        module.scores(batch)
+
+
+def test_num_items_must_match_the_checkpoint(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    assert _module(ckpt, num_items=data.num_items).encoder.item_embedding.num_embeddings == data.num_items + 1
+    with pytest.raises(CheckpointError, match="trained on 200 items, the data has 201"):
+        _module(ckpt, num_items=data.num_items + 1)
+
+
+class _ModeSpy(L.Callback):
+    def __init__(self) -> None:
+        self.encoder_training: list[bool] = []
+        self.ram_training: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.encoder_training.append(pl_module.encoder.training)
+        self.ram_training.append(pl_module.ram.training)
+
+
+def test_raft_epoch_trains_only_ram(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    module = _module(ckpt)
+    encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    ram_before = {k: v.clone() for k, v in module.ram.state_dict().items()}
+    spy = _ModeSpy()
+    _trainer(callbacks=[spy], limit_train_batches=4).fit(module, datamodule=dm)
+    assert spy.encoder_training == [False] * 4 and spy.ram_training == [True] * 4
+    for name, tensor in module.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_before[name]), f"frozen encoder tensor {name} changed"
+    assert not any(p.requires_grad for p in module.encoder.parameters())
+    changed = [n for n, t in module.ram.state_dict().items() if not torch.equal(t, ram_before[n])]
+    assert len(changed) > 10  # the RAM did learn
+    # the reused bank h equals a fresh encoder pass (what reuse_bank_h relies on)
+    batch = dm.dataset("train").__getitems__(list(range(100)))
+    with torch.no_grad():
+        direct = module.encoder(batch["input_ids"])
+    module.train()  # whoever switches the module to training mode, the encoder's dropout stays off
+    assert module.ram.training and not module.encoder.training
+    assert not any(m.training for m in module.encoder.modules())
+    torch.testing.assert_close(module.query_representation(batch), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_callback_rebuilds_exactly_when_the_reference_set_changes(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    module = _module(ckpt)
+    trainer = _trainer()
+    trainer.fit(module, datamodule=dm)
+    callback = module.bank_callback
+    assert isinstance(callback, MemoryBankCallback) and callback in trainer.callbacks
+    assert callback.num_builds == 1  # fit start; validation uses the same reference set
+    assert len(module.memory_bank) == len(dm.pairs("train"))
+    trainer.test(module, datamodule=dm)
+    assert callback.num_builds == 2  # test adds the validation pairs
+    assert len(module.memory_bank) == len(dm.pairs("train")) + len(dm.pairs("val"))
+    assert module.memory_bank.reference_version == dm.reference_version("test")
+    trainer.test(module, datamodule=dm)
+    assert callback.num_builds == 2  # nothing changed: no rebuild
+    trainer.validate(module, datamodule=dm)
+    assert callback.num_builds == 3  # back to the training pairs: validation must not see its own pairs
+    assert len(module.memory_bank) == len(dm.pairs("train"))
+    trainer.validate(module, datamodule=dm)
+    assert callback.num_builds == 3
+    users = [str(u) for u in range(5)]
+    dm.append_interactions(pl.DataFrame({"user": users, "item": ["1", "2", "3", "4", "5"], "order": [10**6] * 5}))
+    trainer.validate(module, datamodule=dm)
+    assert callback.num_builds == 4  # new data: new reference set, same frozen encoder
+    assert len(module.memory_bank) == len(dm.pairs("train"))
+    trainer.predict(module, datamodule=dm)
+    assert callback.num_builds == 5 and len(module.memory_bank) == sum(
+        len(dm.pairs(s)) for s in ("train", "val", "test"))
+    assert [stage for stage, _, _ in callback.history] == ["fit", "test", "fit", "fit", "predict"]
+
+
+def test_callback_rebuilds_when_the_encoder_changes(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    module = _module(ckpt)
+    trainer = _trainer(limit_train_batches=1)
+    trainer.test(module, datamodule=dm)
+    with torch.no_grad():
+        module.encoder.item_embedding.weight.mul_(2.0)
+    trainer.test(module, datamodule=dm)
+    assert module.bank_callback.num_builds == 2
+
+
+def test_callback_save_dir_reuses_matching_banks_only(data_and_ckpt, tmp_path: Path) -> None:
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    _trainer_run = lambda m: _trainer().validate(m, datamodule=dm)  # noqa: E731
+    first = _module(ckpt, bank_save_dir=str(tmp_path))
+    _trainer_run(first)
+    assert first.bank_callback.num_builds == 1
+    assert (tmp_path / dm.reference_version("fit") / "manifest.json").is_file()
+    second = _module(ckpt, bank_save_dir=str(tmp_path))
+    _trainer_run(second)
+    assert second.bank_callback.num_builds == 0 and second.bank_callback.num_loads == 1
+    b = dm.pairs("val")
+    r1, m1 = first.memory_bank.search(first.memory_bank.h[:50], b.user[:50], b.end[:50], 5)
+    r2, m2 = second.memory_bank.search(second.memory_bank.h[:50], b.user[:50], b.end[:50], 5)
+    assert torch.equal(r1, r2) and torch.equal(m1, m2)
+    # another encoder: the saved bank is stale, detected and rebuilt (never used)
+    other = tmp_path / "other.pt"
+    save_encoder(tiny_encoder(data.num_items, seed=5), other)
+    third = _module(other, bank_save_dir=str(tmp_path))
+    _trainer_run(third)
+    assert third.bank_callback.num_builds == 1 and third.bank_callback.num_loads == 0
+    with pytest.raises(CheckpointError, match="stale"):
+        MemoryBank.load(tmp_path / dm.reference_version("fit"), expected_encoder=first.encoder)
+
+
+# ----------------------------------------------------------------------------- CLI on Beauty
+@pytest.fixture(scope="module")
+def beauty_encoder_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(BEAUTY)
+    path = tmp_path_factory.mktemp("beauty_enc") / "encoder.pt"
+    save_encoder(tiny_encoder(12_101), path, {"num_items": 12_101})
+    return path
+
+
+def _overrides(tmp: Path, ckpt: Path) -> list[str]:
+    return ["--model.init_args.encoder_checkpoint", str(ckpt),
+            "--trainer.logger.init_args.save_dir", str(tmp / "logs"), "--trainer.default_root_dir", str(tmp),
+            "--checkpoint.dirpath", str(tmp / "ckpt"), "--data.cache_dir", str(tmp / "cache"),
+            "--trainer.enable_progress_bar", "false"]
+
+
+def test_cli_fit_test_predict(beauty_encoder_ckpt: Path, tmp_path: Path) -> None:
+    cfg = ["--config", str(CONFIGS / "beauty_raft.yaml"), "--config", str(CONFIGS / "debug.yaml")]
+    result = tmp_path / "raft.json"
+    rc = main(["fit", *cfg, *_overrides(tmp_path, beauty_encoder_ckpt), "--results.path", str(result),
+               "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+               "--trainer.limit_test_batches", "2"])
+    assert rc == 0
+    metrics = json.loads(result.read_text())["metrics"]
+    assert 0.0 <= metrics["test/NDCG@10"] <= metrics["test/HR@10"] <= 1.0
+    best = tmp_path / "ckpt" / "best.ckpt"
+    blob = torch.load(best, map_location="cpu", weights_only=False)
+    assert RECORD_KEY in blob and not any("faiss" in k or "memory_bank" in k for k in blob["state_dict"])
+    assert blob["hyper_parameters"]["k"] == 20 and blob["hyper_parameters"]["num_items"] == 12_101
+    # test and predict from the RAFT checkpoint: the bank is rebuilt first
+    rc = main(["test", *cfg, *_overrides(tmp_path, beauty_encoder_ckpt), "--ckpt_path", str(best),
+               "--results.path", str(tmp_path / "again.json"), "--trainer.limit_test_batches", "2"])
+    assert rc == 0
+    assert json.loads((tmp_path / "again.json").read_text())["metrics"]["test/HR@50"] == metrics["test/HR@50"]
+    out = tmp_path / "top.csv"
+    rc = main(["predict", *cfg, *_overrides(tmp_path, beauty_encoder_ckpt), "--ckpt_path", str(best),
+               "--predict_output", str(out), "--trainer.limit_predict_batches", "2"])
+    assert rc == 0
+    top = pl.read_csv(out)
+    assert top.height == 2048 and top.columns[:2] == ["user", "rank_1"]
+    # a RAFT checkpoint is itself a valid encoder checkpoint with the frozen weights
+    encoder, _ = load_encoder(best)
+    original, _ = load_encoder(beauty_encoder_ckpt)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, encoder.state_dict()[name]), name
+
+
+def test_cli_wrong_item_count_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    require(BEAUTY)
+    ckpt = tmp_path / "small.pt"
+    save_encoder(tiny_encoder(50), ckpt)
+    cfg = ["--config", str(CONFIGS / "beauty_raft.yaml"), "--config", str(CONFIGS / "debug.yaml")]
+    try:
+        rc = main(["fit", *cfg, *_overrides(tmp_path, ckpt)])
+    except ValueError as exc:  # jsonargparse wraps errors raised while instantiating the model
+        message = str(exc)
+    else:
+        assert rc == 2
+        message = capsys.readouterr().err
+    assert "trained on 50 items, the data has 12101" in message
+
+
+def test_raft_configs_hold_the_paper_settings() -> None:
+    for name, data in (("beauty", "Beauty.txt"), ("sports", "Sports_and_Outdoors.txt"),
+                       ("clothing", "Clothing_Shoes_and_Jewelry.txt")):
+        cfg = yaml.safe_load((CONFIGS / f"{name}_raft.yaml").read_text())
+        args = cfg["model"]["init_args"]
+        assert cfg["model"]["class_path"] == "raserec.finetune.module.RAFTModule"
+        assert args["encoder_checkpoint"] == f"runs/{name}_pretrain/checkpoints/best.ckpt"
+        assert (args["k"], args["alpha"], args["beta"], args["nlist"], args["nprobe"]) == (20, 0.5, 1.0, 128, 1)
+        assert args["lr"] == 0.001 and args["dropout"] == 0.5 and args["index"] == "ivf_flat"
+        assert cfg["data"]["batch_size"] == 1024 and cfg["trainer"]["max_epochs"] == 100
+        assert cfg["early_stopping"]["patience"] == 10 and cfg["data"]["data_path"].endswith(data)
+        assert cfg["results"]["path"] == f"results/{name}_raserec.json"
+        assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{name}_raft"
+        assert np.isclose(args["alpha"], 0.5)
