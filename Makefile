@@ -24,6 +24,7 @@ lint:  ## ruff check
 bench:  ## run the benchmarks, writing results/*_bench.json
 	$(BIN)/python -m benchmarks.data_bench --data $(DATA)
 	$(BIN)/python -m benchmarks.train_bench --data $(DATA)
+	$(BIN)/python -m benchmarks.memory_bench --data $(DATA) --torch-threads 1
 
 results-table:  ## regenerate the README results table from results/*.json
 	$(BIN)/python -m raserec.results_table --write README.md

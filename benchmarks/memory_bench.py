@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from raserec.memory import faiss_import
 from raserec.memory.bank import IndexConfig, MemoryBank, encode_pairs
 from raserec.models.encoders import SASRec
 from raserec.models.losses import next_item_loss
-from raserec.results import command_line, hardware, write_results
+from raserec.results import hardware, write_results
 
 
 def _time_build(encoder: SASRec, dm: SequenceDataModule) -> tuple[MemoryBank, dict[str, float]]:
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     encoder = SASRec(dm.num_items, hidden_size=64, num_layers=2, num_heads=2, inner_size=256).eval()
 
+    bench_start = time.perf_counter()
     bank, build = _time_build(encoder, dm)
     print(f"build: {build} ({len(bank)} entries, {bank.kind}, nlist {bank.nlist})", file=sys.stderr)
     by_threads = {}
@@ -141,9 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recall vs flat: {recall}", file=sys.stderr)
 
     record = {
-        "command": command_line(),
+        "command": shlex.join(["python", "-m", "benchmarks.memory_bench", *sys.argv[1:]]),
         "hardware": hardware(),
         "dataset": "Beauty",
+        "model": "memory bank (faiss ivf_flat) + RAFT step, SASRec-sized encoder",
+        "seeds": [0],
+        "wall_time_s": round(time.perf_counter() - bench_start, 2),
+        "metrics": {
+            "build_total_s": build["total_s"],
+            "encode_s": build["encode_s"],
+            "index_s": build["index_s"],
+            "raft_step_ms": step.get("step_ms"),
+            "retrieval_ms": step.get("retrieval_ms"),
+            "retrieval_overhead_pct": step.get("retrieval_overhead_pct"),
+            **{f"recall@20/{k}": v["recall"] for k, v in recall.items()},
+        },
         "threads": {"torch": torch.get_num_threads(), "faiss": faiss_import.faiss.omp_get_max_threads()},
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "encoder": "SASRec d=64, 2 layers, 2 heads, FFN 256, max_len 50 (random init: timing only)",
@@ -160,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"build_seconds": 10, "retrieval_overhead_pct": 15},
         "notes": "retrieval = search + leakage filter + payload gather (RAFTModule.retrieval_seconds); "
                  "step = forward incl. retrieval + full-softmax CE + backward + Adam. query_h_from_bank is "
-                 "the default (reuse_bank_h: the frozen encoder's h of a training query is its bank payload).",
+                 "the default (reuse_bank_h: the frozen encoder's h of a training query is its bank payload). "
+                 "Timings vary with the host's load (recorded above); on a shared 2-core host torch with 2 "
+                 "OpenMP threads can be several times slower than with 1 (see encode_seconds_by_torch_threads "
+                 "when run with --compare-threads).",
     }
     write_results(args.out, record)
     print(f"wrote {args.out}", file=sys.stderr)

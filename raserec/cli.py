@@ -51,6 +51,17 @@ def _lightning_main(argv: list[str]) -> int:
     return 0
 
 
+def _raserec_cause(exc: BaseException) -> RaserecError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RaserecError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Our own loggers only: Lightning configures its own, and a root handler would double them.
@@ -80,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             return _lightning_main(argv)
     except RaserecError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # jsonargparse wraps errors raised while instantiating classes; surface ours cleanly.
+        cause = _raserec_cause(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     print(f"error: unknown command {command!r}; run `raserec --help`", file=sys.stderr)
     return 2

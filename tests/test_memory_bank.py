@@ -4,6 +4,7 @@ stale-bank detection, recall vs nprobe, determinism, the dynamic (add) bank, the
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,16 @@ from raserec.memory.bank import IndexConfig, MemoryBank, encode_pairs
 from raserec.models.encoders import SASRec
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Correctness tests, not timings: one OpenMP thread keeps them fast on a shared 2-core host,
+    where a second thread that gets descheduled stalls every parallel region (5-10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,6 +207,10 @@ def test_fewer_survivors_than_k_are_padded_and_masked() -> None:
     rows, mask = bank.search(h[[1]], [0], [2], 10)  # user 0 at end 2: allowed = row 0 and users 1, 2
     check_no_leakage(bank, rows, mask, np.array([0]), np.array([2]), 10)
     assert sorted(rows[mask].tolist()) == [0, 3, 4, 5] and int(mask.sum()) == 4
+    h_k, t_k = bank.gather(rows, mask)  # empty slots: zeros, never row -1 (the last entry)
+    assert h_k.shape == (1, 10, 4) and not h_k[~mask].any() and not t_k[~mask].any()
+    assert torch.equal(h_k[mask], torch.from_numpy(h[rows[mask].numpy()]))
+    assert torch.equal(t_k[mask], rows[mask] + 1)
 
 
 def test_overfetch_grows_for_users_with_long_histories() -> None:
@@ -365,12 +380,18 @@ def test_faiss_has_a_single_import_site() -> None:
 
 
 def test_faiss_and_torch_work_together_in_a_fresh_process() -> None:
-    code = ("from raserec.memory.bank import MemoryBank; import numpy as np, torch\n"
+    code = ("import torch; before = torch.get_num_threads()\n"
+            "from raserec.memory.bank import MemoryBank; import numpy as np\n"
+            # faiss resolves OpenMP to torch's runtime: importing it must not change torch's threads
+            "assert torch.get_num_threads() == before, (before, torch.get_num_threads())\n"
             "h = np.random.default_rng(0).normal(size=(3000, 8)).astype('float32')\n"
             "b = MemoryBank.from_arrays(h, np.arange(3000), np.ones(3000), np.ones(3000))\n"
             "r, m = b.search(torch.from_numpy(h[:4]), [-1] * 4, [1] * 4, 2)\n"
             "assert r[:, 0].tolist() == [0, 1, 2, 3]\n"
             "print(float((torch.from_numpy(h) @ torch.from_numpy(h).T).trace() > 0))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("RASEREC_FAISS_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "1.0"
