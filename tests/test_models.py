@@ -108,3 +108,12 @@ def test_two_dropout_views_of_one_batch_differ() -> None:
     model.eval()
     a, b = model(torch.cat([ids, ids])).split(len(ids))
     assert torch.equal(a, b)
+
+
+def test_item_embeddings_override_equals_table_lookup() -> None:
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12).eval()
+    ids = _ids()
+    emb = model.item_embedding(ids)
+    assert torch.allclose(model(ids, item_embeddings=emb), model(ids), atol=1e-6)
+    assert not torch.allclose(model(ids, item_embeddings=emb * 2), model(ids), atol=1e-3)

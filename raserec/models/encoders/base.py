@@ -32,8 +32,12 @@ class SequenceEncoder(nn.Module, ABC):
         return f"{cls.__module__}.{cls.__qualname__}"
 
     @abstractmethod
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """User representation of each sequence: ``[B, d]``."""
+    def forward(self, input_ids: Tensor, item_embeddings: Tensor | None = None) -> Tensor:
+        """User representation of each sequence: ``[B, d]``.
+
+        ``item_embeddings`` (``[B, T, d]``), when given, replaces the lookup of ``input_ids`` in
+        the item table (for adapters that transform the history embeddings); ``input_ids`` still
+        defines which positions are real."""
 
     def item_weights(self) -> Tensor:
         """Embeddings of the real items (rows 1..N), the candidates of full ranking: ``[N, d]``."""

@@ -222,15 +222,19 @@ class SASRec(SequenceEncoder):
         """Reference implementation of :meth:`forward` without packing."""
         return self.hidden_states(input_ids)[:, -1]
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        t = input_ids.size(1)
+    def forward(self, input_ids: Tensor, item_embeddings: Tensor | None = None) -> Tensor:
+        """User representation ``[B, d]``. ``item_embeddings`` (``[B, T, d]``) optionally replaces
+        the table lookup of ``input_ids`` (adapters such as Ada-Retrieval's IRA transform the
+        history embeddings before positions and LayerNorm); ``input_ids`` still gives the mask."""
         positions, real, _ = self._prepare(input_ids, with_mask=False)
         layout = PackedLayout.build(input_ids)
         flat_real = real.reshape(-1)
-        tokens = input_ids.reshape(-1)[flat_real]
         pos = positions.repeat(input_ids.size(0))[flat_real]
-        x = self.input_dropout(self.input_norm(self.item_embedding(tokens) + self.position_embedding(pos)))
-        del t
+        if item_embeddings is None:
+            emb = self.item_embedding(input_ids.reshape(-1)[flat_real])
+        else:
+            emb = item_embeddings.reshape(-1, item_embeddings.size(-1))[flat_real]
+        x = self.input_dropout(self.input_norm(emb + self.position_embedding(pos)))
         for i, block in enumerate(self.blocks):
             x = block.forward_packed(x, layout, last_only=i == len(self.blocks) - 1)
         return x
