@@ -19,12 +19,12 @@ test:  ## run the whole test suite (uses ../shared/data in place)
 	$(BIN)/python -m pytest -q tests
 
 lint:  ## ruff check
-	$(BIN)/ruff check raserec tests benchmarks
+	$(BIN)/ruff check raserec tests
 
 bench:  ## run the benchmarks, writing results/*_bench.json
-	$(BIN)/python -m benchmarks.data_bench --data $(DATA)
-	$(BIN)/python -m benchmarks.train_bench --data $(DATA)
-	$(BIN)/python -m benchmarks.memory_bench --data $(DATA) --torch-threads 1
+	$(BIN)/python -m raserec.benchmarks.data_bench --data $(DATA)
+	$(BIN)/python -m raserec.benchmarks.train_bench --data $(DATA)
+	$(BIN)/python -m raserec.benchmarks.memory_bench --data $(DATA) --torch-threads 1
 
 results-table:  ## regenerate the README results table from results/*.json
 	$(BIN)/python -m raserec.results_table --write README.md

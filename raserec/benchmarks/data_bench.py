@@ -8,7 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import save, timed
+from raserec.benchmarks.common import save, timed
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.prepare import prepare_dataset
 

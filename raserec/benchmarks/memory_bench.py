@@ -1,6 +1,6 @@
 """Memory-bank benchmark on Beauty: build time, retrieval share of a RAFT step, IVF recall vs flat.
 
-    python benchmarks/memory_bench.py [--data ../shared/data] [--out results/memory_bench.json]
+    python -m raserec.benchmarks.memory_bench [--data ../shared/data] [--out results/memory_bench.json]
 
 The encoder is a pre-training-sized SASRec (d = 64, 2 layers, 2 heads, FFN 256) with random
 weights: build and step times depend only on the sizes, not on the weights. Recall figures are
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recall vs flat: {recall}", file=sys.stderr)
 
     record = {
-        "command": shlex.join(["python", "-m", "benchmarks.memory_bench", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "raserec.benchmarks.memory_bench", *sys.argv[1:]]),
         "hardware": hardware(),
         "dataset": "Beauty",
         "model": "memory bank (faiss ivf_flat) + RAFT step, SASRec-sized encoder",

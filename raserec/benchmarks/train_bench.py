@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.common import peak_rss_gb, save
+from raserec.benchmarks.common import peak_rss_gb, save
 from raserec.data.datamodule import SequenceDataModule
 from raserec.pretrain.module import PretrainModule
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from raserec.results import hardware, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def timed(fn: Callable[[], Any], repeats: int = 5) -> dict[str, float]:
@@ -31,7 +31,7 @@ def peak_rss_gb() -> float:
 
 
 def save(name: str, record: dict[str, Any]) -> Path:
-    record = {"command": " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]]),
+    record = {"command": " ".join(["python -m raserec.benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]]),
               "hardware": hardware(), **record}
     path = write_results(ROOT / "results" / name, record)
     print(f"wrote {path}")

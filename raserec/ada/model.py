@@ -1,0 +1,138 @@
+"""Ada-Retrieval (Li et al., AAAI 2024) around any :class:`SequenceEncoder` (pure torch).
+
+One top-K retrieval becomes T rounds of top-k (k = K // T). Round t re-encodes the history
+with IRA-adapted item embeddings (context: the items rounds 1..t-1 retrieved), passes the
+encoder's output through URA (context: the adapted representations of rounds 1..t-1), and
+retrieves the k best items not retrieved before. Round 1 has no context, so it is exactly the
+backbone. The final list is the rounds' blocks concatenated in order (not re-sorted).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from raserec.ada.adapters import ItemRepresentationAdapter, UserRepresentationAdapter
+from raserec.models.encoders.base import SequenceEncoder
+
+
+class AdaOutput(NamedTuple):
+    """What one multi-round pass returns."""
+
+    user_reprs: Tensor  # [B, T, d]: adapted u_t per round (round 1 = the backbone's output)
+    retrieved: Tensor  # [B, T, k]: item ids (1..N) each round retrieved, best first within a round
+    scores: list[Tensor]  # per round [B, N] raw scores u_t . V^T (with grad); empty unless requested
+
+    def final_list(self) -> Tensor:
+        """The recommendation list ``[B, T * k]``: the rounds' blocks in round order."""
+        return self.retrieved.flatten(1)
+
+
+def items_mask(item_ids: Tensor, num_items: int, keep: Tensor | None = None) -> Tensor:
+    """Boolean ``[B, N]`` mask (column ``j`` = item ``j + 1``) of the ids in ``item_ids``
+    ``[B, L]`` (0 = padding, ignored). ``keep`` (``[B]`` item ids) is never masked: the target's
+    exemption of :func:`raserec.evaluation.ranking.target_ranks`."""
+    mask = torch.zeros(item_ids.size(0), num_items + 1, dtype=torch.bool, device=item_ids.device)
+    mask.scatter_(1, item_ids, True)
+    if keep is not None:
+        mask.scatter_(1, keep.unsqueeze(1), False)
+    return mask[:, 1:]
+
+
+def list_ranks(lists: Tensor, target: Tensor) -> Tensor:
+    """0-based position of each target in its list ``[B, M]`` of item ids, or ``M`` when absent
+    (any rank >= the largest cut-off counts as a miss)."""
+    hit = lists == target.unsqueeze(1)
+    first = hit.to(torch.int8).argmax(1)  # first True (lists hold distinct items anyway)
+    return torch.where(hit.any(1), first, torch.full_like(first, lists.size(1)))
+
+
+class AdaRetrieval(nn.Module):
+    """Multi-round retrieval with item and user representation adapters around ``encoder``.
+
+    Args:
+        encoder: the backbone (owns the item table, which is also the output layer).
+        rounds: number of rounds T.
+        total_k: length K of the final list; each round retrieves k = K // T items.
+        dropout: dropout of the adapters.
+        filter_per_round: one IRA filter layer per earlier round's block (``False``: one shared
+            filter layer, as in the authors' code).
+        layer_norm_eps: LayerNorm epsilon of the adapters.
+        init_std: standard deviation of the adapters' normal initialisation.
+    """
+
+    def __init__(self, encoder: SequenceEncoder, rounds: int = 5, total_k: int = 100, dropout: float = 0.2,
+                 filter_per_round: bool = False, layer_norm_eps: float = 1e-12, init_std: float = 0.02) -> None:
+        super().__init__()
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        if total_k < rounds:
+            raise ValueError(f"total_k ({total_k}) must be >= rounds ({rounds}): each round retrieves k = K // T items")
+        self.encoder = encoder
+        self.rounds = rounds
+        self.k = total_k // rounds
+        d = encoder.hidden_size
+        self.ira = ItemRepresentationAdapter(d, self.k, rounds - 1, dropout, filter_per_round, layer_norm_eps,
+                                             init_std)
+        self.ura = UserRepresentationAdapter(d, dropout, layer_norm_eps, init_std)
+
+    @property
+    def list_length(self) -> int:
+        """Length of the final list, ``T * k`` (``<= total_k``)."""
+        return self.rounds * self.k
+
+    def forward(self, input_ids: Tensor, exclude: Tensor | None = None, return_scores: bool = False) -> AdaOutput:
+        """Run the T rounds.
+
+        Args:
+            input_ids: left-padded history ``[B, L]`` (0 = padding, most recent last).
+            exclude: optional boolean ``[B, N]`` mask of items no round may retrieve (e.g. the
+                history, see :func:`items_mask`). Items retrieved in earlier rounds are always
+                excluded from later ones.
+            return_scores: also return each round's raw scores ``[B, N]`` with gradients (for a
+                full-softmax loss); otherwise retrieval scores are computed without autograd.
+        """
+        encoder = self.encoder
+        weights = encoder.item_weights()  # [N, d], column j = item j + 1
+        n = weights.size(0)
+        if self.list_length > n:
+            raise ValueError(f"{self.rounds} rounds x {self.k} items exceed the {n} items")
+        if exclude is None:
+            blocked = torch.zeros(input_ids.size(0), n, dtype=torch.bool, device=input_ids.device)
+        else:
+            blocked = exclude.clone()
+            # Fewer free items than the list needs would make top-k return excluded (-inf) ones.
+            if int((~blocked).sum(1).min()) < self.list_length:
+                raise ValueError(f"a row excludes so many items that fewer than {self.list_length} are left")
+        history = None
+        users: list[Tensor] = []
+        retrieved: list[Tensor] = []
+        blocks: list[Tensor] = []
+        scores: list[Tensor] = []
+        for t in range(self.rounds):
+            if t == 0:
+                u = encoder(input_ids)  # no context: IRA and URA are the identity, skip them
+            else:
+                if history is None:
+                    history = encoder.item_embedding(input_ids)
+                u = encoder(input_ids, item_embeddings=self.ira(history, blocks))
+                u = self.ura(u, torch.stack(users, dim=1))
+            users.append(u)
+            if return_scores:
+                s = u @ weights.T
+                scores.append(s)
+                s = s.detach()
+            else:
+                with torch.no_grad():
+                    s = u @ weights.T
+            # Top-k is not differentiable: gradients reach the context only through the
+            # embeddings of the retrieved items (and through the earlier rounds' u).
+            top = s.masked_fill(blocked, float("-inf")).topk(self.k, dim=1).indices  # [B, k] columns
+            blocked.scatter_(1, top, True)
+            ids = top + 1
+            retrieved.append(ids)
+            if t < self.rounds - 1:
+                blocks.append(encoder.item_embedding(ids))
+        return AdaOutput(torch.stack(users, dim=1), torch.stack(retrieved, dim=1), scores)

@@ -1,0 +1,242 @@
+"""Ada-Retrieval's second phase as a LightningModule: fine-tune the pre-trained backbone and
+freshly initialised adapters jointly, and evaluate the concatenated multi-round list."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raserec.ada.model import AdaOutput, AdaRetrieval, items_mask, list_ranks
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder
+from raserec.data.batch import SequenceBatch
+from raserec.errors import CheckpointError
+from raserec.evaluation.metrics import RankingMetrics
+from raserec.evaluation.module import RecommenderModule
+from raserec.evaluation.ranking import target_ranks
+from raserec.models.encoders.base import SequenceEncoder
+
+log = logging.getLogger(__name__)
+
+
+def sample_negatives(history: Tensor, target: Tensor, num_items: int, n: int,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """``n`` negatives per row ``[B, n]``, uniform (with replacement) over the items that are
+    neither in ``history`` ``[B, L]`` (0 = padding) nor the ``target`` ``[B]``.
+
+    Exact and loop-free: a uniform rank ``r`` among the row's free items is mapped to the
+    ``r``-th free item id by counting (``searchsorted``) the excluded ids that precede it, so
+    no draw ever collides with the history and nothing needs resampling.
+    """
+    excluded = torch.cat([history, target.unsqueeze(1)], dim=1)
+    b, m = excluded.shape
+    srt = excluded.sort(dim=1).values
+    fresh = torch.ones_like(srt, dtype=torch.bool)
+    fresh[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    valid = (srt > 0) & fresh  # distinct real items
+    big = num_items + 1
+    ids = torch.where(valid, srt, big).sort(dim=1).values  # distinct excluded ids ascending, then `big`
+    col = torch.arange(m, device=ids.device)
+    # Free items with a smaller id than the j-th excluded one (non-decreasing in j); `big` after.
+    before = torch.where(ids <= num_items, ids - 1 - col, torch.full_like(ids, 2 * big)).contiguous()
+    free = num_items - valid.sum(1, keepdim=True)  # [B, 1]
+    if int(free.min()) < 1:
+        raise ValueError("a row's history covers every item: no negative to sample")
+    u = torch.rand(b, n, device=ids.device, generator=generator)
+    r = torch.minimum((u * free).long(), free - 1)  # 0-based rank among the free items
+    return r + 1 + torch.searchsorted(before, r, right=True)
+
+
+class AdaRetrievalModule(RecommenderModule):
+    """Ada-Retrieval phase 2: backbone (from a pre-training checkpoint) + IRA + URA, trained
+    jointly with sum_t lambda^(t-1) L_t and evaluated on the concatenated T x k list.
+
+    Validation/test log ``val/*`` and ``test/*`` (HR/NDCG@K of the concatenated list) and, with
+    ``evaluate_base``, ``base/val/*`` and ``base/test/*``: the pre-trained backbone (a frozen
+    copy) as a single round on the same protocol, i.e. its plain top-K ranking.
+
+    Args:
+        num_items: number of real items (linked from the datamodule by the CLI); must equal the
+            checkpoint's.
+        encoder_checkpoint: pre-training ``.ckpt`` (or a ``save_encoder`` file) of the backbone;
+            it is fine-tuned here, the adapters start fresh.
+        rounds: number of retrieval rounds T.
+        total_k: length K of the final list; each round retrieves k = K // T items.
+        round_decay: lambda, the weight of round t's loss is lambda^(t-1).
+        loss: ``ce`` (full-softmax cross-entropy, as the rest of raserec) or ``bce`` (the
+            authors': binary cross-entropy over the target and ``num_negatives`` sampled items).
+        num_negatives: negatives per query for ``bce`` (uniform, never from the input
+            sequence nor the target; shared by all rounds).
+        dropout: dropout of the adapters (the authors use 0.1777 everywhere).
+        filter_per_round: one IRA filter layer per earlier round's block instead of one shared.
+        lr: Adam learning rate (backbone and adapters).
+        weight_decay: Adam weight decay.
+        evaluate_base: also evaluate the frozen pre-trained backbone (``base/...`` metrics).
+        metric_ks: cut-offs of HR@K and NDCG@K (at most T * k).
+        mask_history: exclude the input sequence's items from every round's retrieval (in
+            training too, so the model trains on the retrieval it is evaluated with; the target
+            is never excluded at evaluation). Off in our main protocol.
+        predict_top_n: items per user written by ``raserec predict`` (the list's first n).
+    """
+
+    def __init__(
+        self,
+        num_items: int | None = None,
+        *,
+        encoder_checkpoint: str,
+        rounds: int = 5,
+        total_k: int = 100,
+        round_decay: float = 0.3,
+        loss: Literal["bce", "ce"] = "ce",
+        num_negatives: int = 100,
+        dropout: float = 0.2,
+        filter_per_round: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        evaluate_base: bool = True,
+        metric_ks: Sequence[int] = (20, 50),
+        mask_history: bool = False,
+        predict_top_n: int = 50,
+    ) -> None:
+        super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
+        if loss not in ("bce", "ce"):
+            raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.save_hyperparameters()
+        encoder, data_fingerprint = load_encoder(encoder_checkpoint)
+        ckpt_items = encoder.item_embedding.num_embeddings - 1
+        if num_items is not None and num_items != ckpt_items:
+            raise CheckpointError(
+                f"{encoder_checkpoint}: the encoder was trained on {ckpt_items} items, the data has {num_items}")
+        self.num_items = ckpt_items
+        self.encoder_data = data_fingerprint
+        # The frozen pre-trained copy is the "Base" row of the paper's table 2.
+        self.base_encoder = copy.deepcopy(encoder).requires_grad_(False).eval() if evaluate_base else None
+        self.model = AdaRetrieval(encoder, rounds=rounds, total_k=total_k, dropout=dropout,
+                                  filter_per_round=filter_per_round)
+        if max(metric_ks) > self.model.list_length:
+            raise ValueError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
+        if predict_top_n > self.model.list_length:
+            raise ValueError(f"predict_top_n {predict_top_n} exceeds the list length {self.model.list_length}")
+        self.loss_kind = loss
+        self.num_negatives = num_negatives
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.register_buffer("round_weights", round_decay ** torch.arange(rounds, dtype=torch.float32),
+                             persistent=False)
+        self.base_val_metrics = RankingMetrics(metric_ks)
+        self.base_test_metrics = RankingMetrics(metric_ks)
+
+    @property
+    def encoder(self) -> SequenceEncoder:
+        """The backbone being fine-tuned."""
+        return self.model.encoder
+
+    def train(self, mode: bool = True) -> AdaRetrievalModule:
+        super().train(mode)
+        if self.base_encoder is not None:
+            self.base_encoder.eval()  # Lightning calls train() every epoch: the reference stays frozen
+        return self
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        expected = self.encoder_data.get("content_hash")
+        if dm is not None and hasattr(dm, "data") and expected and dm.data.content_hash() != expected:
+            log.warning("the data differ from the data the backbone was pre-trained on (content hash %s != %s)",
+                        dm.data.content_hash()[:12], expected[:12])
+
+    # ---------------------------------------------------------------- forward
+    def _exclude(self, batch: SequenceBatch, exempt_target: bool) -> Tensor | None:
+        if not self.mask_history:
+            return None
+        return items_mask(batch["input_ids"], self.num_items, batch["target"] if exempt_target else None)
+
+    def rounds_output(self, batch: SequenceBatch, return_scores: bool = False) -> AdaOutput:
+        """The multi-round pass on a batch (history exclusion per ``mask_history``)."""
+        return self.model(batch["input_ids"], self._exclude(batch, exempt_target=not self.training), return_scores)
+
+    def user_representation(self, batch: SequenceBatch) -> Tensor:
+        """Round 1's representation (the fine-tuned backbone's); the list needs all rounds."""
+        return self.encoder(batch["input_ids"])
+
+    def item_weights(self) -> Tensor:
+        return self.encoder.item_weights()
+
+    # ---------------------------------------------------------------- training
+    def round_losses(self, batch: SequenceBatch) -> Tensor:
+        """L_t of every round ``[T]`` (unweighted)."""
+        target = batch["target"]
+        if self.loss_kind == "ce":
+            out = self.rounds_output(batch, return_scores=True)
+            # Raw scores: an item an earlier round already retrieved (possibly the target) still
+            # counts, as in the authors' loss; the exclusion only shapes retrieval.
+            return torch.stack([F.cross_entropy(s, target - 1) for s in out.scores])
+        out = self.rounds_output(batch)
+        negatives = sample_negatives(batch["input_ids"], target, self.num_items, self.num_negatives)
+        candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)  # [B, 1 + n]
+        logits = torch.einsum("btd,bcd->btc", out.user_reprs, self.encoder.item_embedding(candidates))
+        labels = torch.zeros_like(logits)
+        labels[..., 0] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=(0, 2))
+
+    def weighted_loss(self, losses: Tensor) -> Tensor:
+        """sum_t lambda^(t-1) L_t."""
+        return (self.round_weights.to(losses.dtype) * losses).sum()
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+        losses = self.round_losses(batch)
+        loss = self.weighted_loss(losses)
+        b = batch["target"].size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict({f"train/loss_round{t + 1}": v for t, v in enumerate(losses.detach())}, batch_size=b)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval(self, batch: SequenceBatch, metrics: RankingMetrics, base_metrics: RankingMetrics) -> None:
+        target = batch["target"]
+        out = self.rounds_output(batch)
+        metrics.update(list_ranks(out.final_list(), target))
+        if self.base_encoder is not None:
+            # A single round of K items is the plain top-K ranking: the target's rank among all items.
+            scores = self.base_encoder.score(self.base_encoder(batch["input_ids"]))
+            base_metrics.update(target_ranks(scores, target, self._history(batch)))
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._eval(batch, self.val_metrics, self.base_val_metrics)
+
+    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._eval(batch, self.test_metrics, self.base_test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.base_encoder is not None:
+            self._log_metrics(self.base_val_metrics, "base/val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.base_encoder is not None:
+            self._log_metrics(self.base_test_metrics, "base/test")
+
+    def predict_step(self, batch: SequenceBatch, batch_idx: int) -> dict[str, Tensor]:
+        out = self.rounds_output(batch)
+        return {"user": batch["user"], "items": out.final_list()[:, : self.predict_top_n]}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The fine-tuned backbone travels as an encoder record too, so load_encoder() reads an
+        # Ada checkpoint (e.g. to study the backbone alone).
+        checkpoint[RECORD_KEY] = encoder_record(self.encoder, self.encoder_data)
+
+
+__all__ = ["AdaRetrievalModule", "sample_negatives"]
