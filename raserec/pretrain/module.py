@@ -20,6 +20,10 @@ from raserec.models.losses import info_nce, next_item_loss
 #: pair (a second dropout pass of the sequence and a same-target sequence).
 PositivePair = Literal["none", "same_target", "dropout_and_same_target"]
 
+#: ``next_item``: L_rec is the next-item cross-entropy of the user representation; ``cloze``: L_rec
+#: is the encoder's masked-item loss ``encoder.cloze_loss(input_ids, target)`` (BERT4Rec).
+Objective = Literal["next_item", "cloze"]
+
 
 class PretrainModule(RecommenderModule):
     """Trains an encoder with L_rec + lambda * L_ret and saves it in a self-describing checkpoint.
@@ -28,6 +32,9 @@ class PretrainModule(RecommenderModule):
         num_items: number of real items (linked from the datamodule by the CLI).
         encoder: the backbone, built as ``encoder(num_items)`` (``class_path`` + ``init_args``).
         positive_pair: which positive pair L_ret uses (``none`` disables L_ret).
+        objective: L_rec: ``next_item`` (cross-entropy of the next item) or ``cloze`` (the
+            encoder's masked-item loss over the sequence with its target appended; needs an
+            encoder with ``cloze_loss``, e.g. BERT4Rec).
         lambda_ret: weight of L_ret.
         temperature: InfoNCE temperature tau.
         similarity: ``dot`` (the paper) or ``cos``.
@@ -43,6 +50,7 @@ class PretrainModule(RecommenderModule):
         num_items: int,
         encoder: Callable[[int], SequenceEncoder] = SASRec,
         positive_pair: PositivePair = "dropout_and_same_target",
+        objective: Objective = "next_item",
         lambda_ret: float = 0.1,
         temperature: float = 1.0,
         similarity: Literal["dot", "cos"] = "dot",
@@ -56,7 +64,13 @@ class PretrainModule(RecommenderModule):
         if positive_pair not in ("none", "same_target", "dropout_and_same_target"):
             raise ValueError(f"unknown positive_pair {positive_pair!r}")
         self.save_hyperparameters(ignore=["encoder"])
+        if objective not in ("next_item", "cloze"):
+            raise ValueError(f"unknown objective {objective!r}")
         self.encoder = encoder(num_items)
+        if objective == "cloze" and not callable(getattr(self.encoder, "cloze_loss", None)):
+            raise ValueError(f"objective 'cloze' needs an encoder with cloze_loss(); "
+                             f"{type(self.encoder).__name__} has none")
+        self.objective = objective
         self.positive_pair = positive_pair
         self.lambda_ret = lambda_ret if positive_pair != "none" else 0.0
         self.temperature = temperature
@@ -78,8 +92,7 @@ class PretrainModule(RecommenderModule):
         ids = batch["input_ids"]
         b = ids.size(0)
         if not self.uses_positives:
-            h = self.encoder(ids)
-            loss = next_item_loss(h, self.item_weights(), batch["target"])
+            loss = self._rec_loss(ids, batch["target"])
             self.log("train/loss", loss, prog_bar=True, batch_size=b)
             return loss
         if "positive_ids" not in batch:
@@ -87,13 +100,14 @@ class PretrainModule(RecommenderModule):
                 "positive_pair needs same-target positives: set `data.positives: true` in the config"
             )
         views = [ids, batch["positive_ids"]]
-        if self.positive_pair == "dropout_and_same_target":
-            views.insert(1, ids)  # an independent dropout pass of the same sequence
+        if self.positive_pair == "dropout_and_same_target" and self.objective == "next_item":
+            # An independent dropout pass of the same sequence. (With ``cloze`` L_rec does not
+            # use a pass of the sequence, so its one pass is already independent of L_rec.)
+            views.insert(1, ids)
         # One encoder call for all views: dropout masks are drawn per row, so this equals
         # separate passes, at a fraction of the overhead.
         reprs = self.encoder(torch.cat(views)).split(b)
-        h = reprs[0]
-        loss_rec = next_item_loss(h, self.item_weights(), batch["target"])
+        loss_rec = self._rec_loss(ids, batch["target"], reprs[0])
         keep = batch["has_positive"]
         loss_ret = info_nce(reprs[-2][keep], reprs[-1][keep], self.temperature, self.similarity)
         loss = loss_rec + self.lambda_ret * loss_ret
@@ -102,6 +116,12 @@ class PretrainModule(RecommenderModule):
             prog_bar=True, batch_size=b,
         )
         return loss
+
+    def _rec_loss(self, ids: Tensor, target: Tensor, h: Tensor | None = None) -> Tensor:
+        """L_rec of the batch; ``h`` is the sequences' representation when already computed."""
+        if self.objective == "cloze":
+            return self.encoder.cloze_loss(ids, target)
+        return next_item_loss(self.encoder(ids) if h is None else h, self.item_weights(), target)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
