@@ -22,7 +22,7 @@ data commands:
   stats      print dataset statistics as in the paper's Table 5 (--json for one JSON object)
 
 training commands (LightningCLI; configure with --config FILE.yaml, repeatable):
-  fit        train a model (pre-training or RAFT) with early stopping; tests the best
+  fit        train a model (pre-training, RAFT or Ada-Retrieval) with early stopping; tests the best
              checkpoint afterwards unless --test_after_fit false
   validate   evaluate on the validation queries (--ckpt_path)
   test       evaluate on the test queries (--ckpt_path)

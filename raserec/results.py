@@ -93,7 +93,8 @@ class ResultsWriter(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(("test/", "base/test/"))}
         metrics.update({f"{k}_std": 0.0 for k in list(metrics)})
         seed = os.environ.get("PL_GLOBAL_SEED")
         record = {

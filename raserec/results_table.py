@@ -37,7 +37,8 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
     head = "| dataset | model | " + " | ".join(k.removeprefix("test/") for k in QUALITY_KEYS) + \
         " | seeds | epochs | wall time | hardware | command | file |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    rows = [(r["dataset"], name, r) for name, r in results if any(k in r.get("metrics", {}) for k in QUALITY_KEYS)]
+    rows = [(r["dataset"], name, r) for name, r in results
+            if any(k in r.get("metrics", {}) for k in QUALITY_KEYS) and "base/test/HR@50" not in r["metrics"]]
     for dataset, name, r in sorted(rows):
         m = r["metrics"]
         cells = [_fmt(m.get(k)) for k in QUALITY_KEYS]
@@ -48,6 +49,27 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
         cells = [dataset, model, *(f"{v:.4f}" for v in (h5, n5, h10, n10)), "", "", "5 (paper)", "", "", "",
                  "published figure", "../shared/REFERENCE.md"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ADA_KEYS = ["test/HR@20", "test/NDCG@20", "test/HR@50", "test/NDCG@50", "base/test/HR@50", "base/test/NDCG@50"]
+#: Ada-Retrieval paper, Table 2 (top-50, fractions): base SASRec -> Ada-Retrieval.
+ADA_PAPER = {"Beauty": (0.17741, 0.07062, 0.17110, 0.06506), "Sports": (0.11352, 0.04234, 0.10924, 0.04046),
+             "Yelp": (0.12637, 0.03852, 0.12062, 0.03770)}
+
+
+def ada_table(results: list[tuple[str, dict]]) -> str:
+    head = "| dataset | model | " + " | ".join(ADA_KEYS) + " | history masked | command | file |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results:
+        if "base/test/HR@50" not in r.get("metrics", {}):
+            continue
+        masked = (r.get("config") or {}).get("model", {}).get("init_args", {}).get("mask_history", "")
+        cells = [_fmt(r["metrics"].get(k)) for k in ADA_KEYS]
+        lines.append(f"| {r['dataset']} | {r['model']} | " + " | ".join(cells) + f" | {masked} | `{r['command']}` | {name} |")
+    for dataset, (h50, n50, bh50, bn50) in ADA_PAPER.items():
+        lines.append(f"| {dataset} | Ada-Retrieval, SASRec (paper) |  |  | {h50:.4f} | {n50:.4f} | {bh50:.4f} | "
+                     f"{bn50:.4f} |  | published figure | ../shared/REFERENCE.md |")
     return "\n".join(lines)
 
 
@@ -65,6 +87,7 @@ def bench_table(results: list[tuple[str, dict]]) -> str:
 def render(results_dir: Path) -> str:
     results = load(results_dir)
     return (f"{START}\n### Quality (test set, full ranking)\n\n{quality_table(results)}\n\n"
+            f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
             f"### Speed benchmarks\n\n{bench_table(results)}\n{END}")
 
 

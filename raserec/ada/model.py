@@ -30,15 +30,11 @@ class AdaOutput(NamedTuple):
         return self.retrieved.flatten(1)
 
 
-def items_mask(item_ids: Tensor, num_items: int, keep: Tensor | None = None) -> Tensor:
+def items_mask(item_ids: Tensor, num_items: int) -> Tensor:
     """Boolean ``[B, N]`` mask (column ``j`` = item ``j + 1``) of the ids in ``item_ids``
-    ``[B, L]`` (0 = padding, ignored). ``keep`` (``[B]`` item ids) is never masked: the target's
-    exemption of :func:`raserec.evaluation.ranking.target_ranks`."""
+    ``[B, L]`` (0 = padding, ignored)."""
     mask = torch.zeros(item_ids.size(0), num_items + 1, dtype=torch.bool, device=item_ids.device)
-    mask.scatter_(1, item_ids, True)
-    if keep is not None:
-        mask.scatter_(1, keep.unsqueeze(1), False)
-    return mask[:, 1:]
+    return mask.scatter_(1, item_ids, True)[:, 1:]
 
 
 def list_ranks(lists: Tensor, target: Tensor) -> Tensor:
@@ -88,9 +84,8 @@ class AdaRetrieval(nn.Module):
 
         Args:
             input_ids: left-padded history ``[B, L]`` (0 = padding, most recent last).
-            exclude: optional boolean ``[B, N]`` mask of items no round may retrieve (e.g. the
-                history, see :func:`items_mask`). Items retrieved in earlier rounds are always
-                excluded from later ones.
+            exclude: optional item ids ``[B, M]`` no round may retrieve (e.g. the history;
+                0 = none). Items retrieved in earlier rounds are always excluded from later ones.
             return_scores: also return each round's raw scores ``[B, N]`` with gradients (for a
                 full-softmax loss); otherwise retrieval scores are computed without autograd.
         """
@@ -99,12 +94,16 @@ class AdaRetrieval(nn.Module):
         n = weights.size(0)
         if self.list_length > n:
             raise ValueError(f"{self.rounds} rounds x {self.k} items exceed the {n} items")
-        if exclude is None:
-            blocked = torch.zeros(input_ids.size(0), n, dtype=torch.bool, device=input_ids.device)
-        else:
-            blocked = exclude.clone()
+        excluded_at = None
+        if exclude is not None:
+            # Exclusions are written into each round's scores at these positions only: O(B * M)
+            # per round, where a [B, N] boolean mask would cost a pass over all scores.
+            keep = exclude > 0
+            rows = torch.arange(exclude.size(0), device=exclude.device).unsqueeze(1).expand_as(exclude)
+            excluded_at = (rows[keep], exclude[keep] - 1)
             # Fewer free items than the list needs would make top-k return excluded (-inf) ones.
-            if int((~blocked).sum(1).min()) < self.list_length:
+            if n - exclude.size(1) < self.list_length and int(
+                    (~items_mask(exclude, n)).sum(1).min()) < self.list_length:
                 raise ValueError(f"a row excludes so many items that fewer than {self.list_length} are left")
         history = None
         users: list[Tensor] = []
@@ -123,15 +122,17 @@ class AdaRetrieval(nn.Module):
             if return_scores:
                 s = u @ weights.T
                 scores.append(s)
-                s = s.detach()
+                s = s.detach().clone()  # the loss needs the raw scores: mask a copy
             else:
                 with torch.no_grad():
                     s = u @ weights.T
             # Top-k is not differentiable: gradients reach the context only through the
             # embeddings of the retrieved items (and through the earlier rounds' u).
-            top = s.masked_fill(blocked, float("-inf")).topk(self.k, dim=1).indices  # [B, k] columns
-            blocked.scatter_(1, top, True)
-            ids = top + 1
+            if excluded_at is not None:
+                s.index_put_(excluded_at, s.new_tensor(float("-inf")))
+            if retrieved:
+                s.scatter_(1, torch.cat(retrieved, dim=1) - 1, float("-inf"))
+            ids = s.topk(self.k, dim=1).indices + 1  # [B, k] item ids, best first
             retrieved.append(ids)
             if t < self.rounds - 1:
                 blocks.append(encoder.item_embedding(ids))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raserec.ada.model import AdaOutput, AdaRetrieval, items_mask, list_ranks
+from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
 from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder
 from raserec.data.batch import SequenceBatch
 from raserec.errors import CheckpointError
@@ -81,7 +81,8 @@ class AdaRetrievalModule(RecommenderModule):
         mask_history: exclude the input sequence's items from every round's retrieval (in
             training too, so the model trains on the retrieval it is evaluated with; the target
             is never excluded at evaluation). Off in our main protocol.
-        predict_top_n: items per user written by ``raserec predict`` (the list's first n).
+        predict_top_n: items per user written by ``raserec predict`` (the list's first n, at most
+            T * k).
     """
 
     def __init__(
@@ -122,8 +123,6 @@ class AdaRetrievalModule(RecommenderModule):
                                   filter_per_round=filter_per_round)
         if max(metric_ks) > self.model.list_length:
             raise ValueError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
-        if predict_top_n > self.model.list_length:
-            raise ValueError(f"predict_top_n {predict_top_n} exceeds the list length {self.model.list_length}")
         self.loss_kind = loss
         self.num_negatives = num_negatives
         self.lr = lr
@@ -153,9 +152,13 @@ class AdaRetrievalModule(RecommenderModule):
 
     # ---------------------------------------------------------------- forward
     def _exclude(self, batch: SequenceBatch, exempt_target: bool) -> Tensor | None:
+        """Item ids no round may retrieve: the history with ``mask_history``, else none."""
         if not self.mask_history:
             return None
-        return items_mask(batch["input_ids"], self.num_items, batch["target"] if exempt_target else None)
+        ids = batch["input_ids"]
+        if exempt_target:  # as target_ranks: the target itself is never excluded
+            ids = ids.masked_fill(ids == batch["target"].unsqueeze(1), 0)
+        return ids
 
     def rounds_output(self, batch: SequenceBatch, return_scores: bool = False) -> AdaOutput:
         """The multi-round pass on a batch (history exclusion per ``mask_history``)."""
@@ -237,6 +240,19 @@ class AdaRetrievalModule(RecommenderModule):
         # The fine-tuned backbone travels as an encoder record too, so load_encoder() reads an
         # Ada checkpoint (e.g. to study the backbone alone).
         checkpoint[RECORD_KEY] = encoder_record(self.encoder, self.encoder_data)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # A checkpoint loads whether or not it was written with the same ``evaluate_base``: the
+        # saved reference copy is kept when both have one, else dropped or taken from
+        # encoder_checkpoint.
+        state = checkpoint.get("state_dict", {})
+        saved = [k for k in state if k.startswith("base_encoder.")]
+        if self.base_encoder is None:
+            for key in saved:
+                del state[key]
+        elif not saved:
+            state.update({f"base_encoder.{k}": v for k, v in self.base_encoder.state_dict().items()})
 
 
 __all__ = ["AdaRetrievalModule", "sample_negatives"]
