@@ -76,6 +76,16 @@ def load_encoder(path: str | Path) -> tuple[SequenceEncoder, dict[str, Any]]:
     return build_encoder(record), record["data"]
 
 
+def load_encoder_for(path: str | Path, num_items: int | None) -> tuple[SequenceEncoder, dict[str, Any]]:
+    """:func:`load_encoder`, refusing an encoder whose item table does not fit ``num_items``
+    (the number of items of the data it is about to be used with; ``None`` skips the check)."""
+    encoder, fingerprint = load_encoder(path)
+    ckpt_items = encoder.item_embedding.num_embeddings - 1
+    if num_items is not None and num_items != ckpt_items:
+        raise CheckpointError(f"{path}: the encoder was trained on {ckpt_items} items, the data has {num_items}")
+    return encoder, fingerprint
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

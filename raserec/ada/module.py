@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.ranking import target_ranks
@@ -110,12 +109,8 @@ class AdaRetrievalModule(RecommenderModule):
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.save_hyperparameters()
-        encoder, data_fingerprint = load_encoder(encoder_checkpoint)
-        ckpt_items = encoder.item_embedding.num_embeddings - 1
-        if num_items is not None and num_items != ckpt_items:
-            raise CheckpointError(
-                f"{encoder_checkpoint}: the encoder was trained on {ckpt_items} items, the data has {num_items}")
-        self.num_items = ckpt_items
+        encoder, data_fingerprint = load_encoder_for(encoder_checkpoint, num_items)
+        self.num_items = encoder.item_embedding.num_embeddings - 1
         self.encoder_data = data_fingerprint
         # The frozen pre-trained copy is the "Base" row of the paper's table 2.
         self.base_encoder = copy.deepcopy(encoder).requires_grad_(False).eval() if evaluate_base else None

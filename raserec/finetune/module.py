@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, RaserecError
+from raserec.errors import RaserecError
 from raserec.evaluation.module import RecommenderModule
 from raserec.finetune.ram import RetrievalAugmentedModule
 from raserec.memory.bank import IndexConfig, MemoryBank
@@ -93,12 +93,7 @@ class RAFTModule(RecommenderModule):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.save_hyperparameters()
-        encoder, data_fingerprint = load_encoder(encoder_checkpoint)
-        ckpt_items = encoder.item_embedding.num_embeddings - 1
-        if num_items is not None and num_items != ckpt_items:
-            raise CheckpointError(
-                f"{encoder_checkpoint}: the encoder was trained on {ckpt_items} items, the data has {num_items}"
-            )
+        encoder, data_fingerprint = load_encoder_for(encoder_checkpoint, num_items)
         # Frozen: no gradients, and eval mode forever (see train()), so its dropout stays off
         # and the bank's keys stay valid.
         encoder.requires_grad_(False)
