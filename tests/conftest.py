@@ -33,6 +33,18 @@ def lines_to_data(text: str) -> SequenceData:
     return sequences_from_interactions(pl.DataFrame(rows, schema=["user", "item", "order"], orient="row"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Correctness tests, not timings: one OpenMP thread keeps them fast on a shared 2-core host,
+    where a second thread that gets descheduled stalls every parallel region (5-10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def beauty_dm() -> SequenceDataModule:
     dm = SequenceDataModule(require(BEAUTY), cache_dir=None)

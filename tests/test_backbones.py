@@ -20,13 +20,7 @@ from tests.test_memory_bank import synthetic_data, synthetic_dm
 N_ITEMS = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One OpenMP thread: these are correctness tests on a shared 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(b: int = 8, t: int = 12, n: int = N_ITEMS, seed: int = 0) -> torch.Tensor:

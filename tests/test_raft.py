@@ -28,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Correctness tests, not timings: one OpenMP thread keeps them fast on a shared 2-core host,
-    where a second thread that gets descheduled stalls every parallel region (5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
