@@ -87,6 +87,14 @@ class ResultsWriter(L.Callback):
         if m:
             self._curve.append({"epoch": trainer.current_epoch + 1, **m})
 
+    # Stateful, so a run resumed with --ckpt_path keeps its curve and counts its earlier time.
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": list(self._curve), "elapsed_s": time.perf_counter() - self._start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._curve = list(state_dict["curve"])
+        self._start = time.perf_counter() - float(state_dict["elapsed_s"])
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_time = time.perf_counter() - self._start
 

@@ -235,3 +235,15 @@ def test_test_metrics_do_not_depend_on_eval_batch_size() -> None:
         trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
         results.append(trainer.test(model, datamodule=dm, verbose=False)[0])
     assert results[0] == results[1]
+
+
+def test_results_writer_state_survives_resume() -> None:
+    from raserec.results import ResultsWriter
+
+    first = ResultsWriter("unused.json", "Beauty", "m")
+    first._curve.append({"epoch": 1, "val/HR@10": 0.1})
+    state = first.state_dict()
+    second = ResultsWriter("unused.json", "Beauty", "m")
+    second.load_state_dict(state)
+    assert second._curve == [{"epoch": 1, "val/HR@10": 0.1}]
+    assert second.state_dict()["elapsed_s"] >= state["elapsed_s"]
