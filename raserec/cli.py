@@ -47,7 +47,9 @@ class _StderrHandler(logging.StreamHandler):
 def _lightning_main(argv: list[str]) -> int:
     from raserec.lightning_cli import RaserecCLI
 
-    RaserecCLI(args=argv)
+    # From the console script the arguments are sys.argv itself; passing them again would make
+    # LightningCLI warn that both were given.
+    RaserecCLI(args=None if argv == sys.argv[1:] else argv)
     return 0
 
 
