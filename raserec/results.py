@@ -92,8 +92,19 @@ class ResultsWriter(L.Callback):
         return {"curve": list(self._curve), "elapsed_s": time.perf_counter() - self._start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._curve = list(state_dict["curve"])
-        self._start = time.perf_counter() - float(state_dict["elapsed_s"])
+        # Applied only when fitting resumes: testing a checkpoint (e.g. the best one after fit)
+        # restores callback states too, and must not rewind this run's curve and clock.
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = getattr(self, "_pending", None)
+        if state is not None:
+            self._curve = list(state["curve"])
+            self._start = time.perf_counter() - float(state["elapsed_s"])
+            self._pending = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_time = time.perf_counter() - self._start

@@ -245,5 +245,12 @@ def test_results_writer_state_survives_resume() -> None:
     state = first.state_dict()
     second = ResultsWriter("unused.json", "Beauty", "m")
     second.load_state_dict(state)
+    second.on_train_start(None, None)  # resumed fit: the earlier curve and time carry over
     assert second._curve == [{"epoch": 1, "val/HR@10": 0.1}]
     assert second.state_dict()["elapsed_s"] >= state["elapsed_s"]
+    # testing a checkpoint restores callback states too, but must not rewind the record
+    third = ResultsWriter("unused.json", "Beauty", "m")
+    third._curve.append({"epoch": 5})
+    third.load_state_dict(state)
+    third.on_test_start(None, None)
+    assert third._curve == [{"epoch": 5}]
