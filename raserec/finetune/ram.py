@@ -11,10 +11,13 @@ RecBole-style residual connection and LayerNorm.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raserec.models.encoders.base import init_weights
 from raserec.models.encoders.sasrec import FastDropout
 
 
@@ -113,17 +116,7 @@ class RetrievalAugmentedModule(nn.Module):
         args = (hidden_size, depth, num_heads, inner_size, dropout, layer_norm_eps)
         self.channel1 = Channel(*args) if beta > 0.0 else None
         self.channel2 = Channel(*args) if beta < 1.0 else None
-        self.init_std = init_std
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, self.init_std)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+        self.apply(partial(init_weights, std=init_std))
 
     def forward(self, h: Tensor, h_k: Tensor, v_k: Tensor, mask: Tensor) -> Tensor:
         """``h`` ``[B, d]``; ``h_k``, ``v_k`` ``[B, K, d]``; ``mask`` ``[B, K]`` -> h~ ``[B, d]``."""

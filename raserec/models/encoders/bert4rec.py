@@ -12,11 +12,13 @@ a separate learnable vector, so it can never be recommended.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.encoders.base import SequenceEncoder, init_weights
 from raserec.models.encoders.sasrec import FastDropout, SelfAttentionBlock
 
 
@@ -78,18 +80,8 @@ class BERT4Rec(SequenceEncoder):
             SelfAttentionBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
             for _ in range(num_layers)
         )
-        self.init_std = init_std
-        self.apply(self._init_weights)
+        self.apply(partial(init_weights, std=init_std))
         nn.init.normal_(self.mask_token, 0.0, init_std)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
 
     def hidden_states(self, input_ids: Tensor, masked: Tensor | None = None,
                       item_embeddings: Tensor | None = None) -> Tensor:

@@ -10,13 +10,14 @@ so this gives the same representation as the dense computation in :meth:`SASRec.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.encoders.base import SequenceEncoder, init_weights
 
 
 class FastDropout(nn.Module):
@@ -183,17 +184,7 @@ class SASRec(SequenceEncoder):
             SelfAttentionBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
             for _ in range(num_layers)
         )
-        self.init_std = init_std
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+        self.apply(partial(init_weights, std=init_std))
 
     def _prepare(self, input_ids: Tensor, with_mask: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         if input_ids.dim() != 2:
