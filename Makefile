@@ -4,7 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data
 
-.PHONY: help install test lint bench clean results-table
+DATASET ?= beauty
+BACKBONE ?= sasrec
+SEEDS ?= 2024 2025 2026 2027 2028
+SCHEDULE ?= paper
+CFG := configs/$(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))
+EXPERIMENT := $(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))_raserec
+
+.PHONY: help install test lint bench clean results-table reproduce
 
 help:  ## list every target
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -25,6 +32,10 @@ bench:  ## run the benchmarks, writing results/*_bench.json
 	$(BIN)/python -m raserec.benchmarks.data_bench --data $(DATA)
 	$(BIN)/python -m raserec.benchmarks.train_bench --data $(DATA)
 	$(BIN)/python -m raserec.benchmarks.memory_bench --data $(DATA) --torch-threads 1
+
+reproduce:  ## pre-train -> RAFT -> test over SEEDS for DATASET (beauty|sports|clothing), BACKBONE (sasrec|gru4rec|bert4rec); SCHEDULE=cpu_short for 3 epochs/stage; resumable
+	$(BIN)/raserec experiment --name $(EXPERIMENT) --pretrain $(CFG)_pretrain.yaml --finetune $(CFG)_raft.yaml \
+		--backbone $(BACKBONE) --seeds $(SEEDS) $(if $(filter cpu_short,$(SCHEDULE)),--overlay configs/cpu_short.yaml,)
 
 results-table:  ## regenerate the README results table from results/*.json
 	$(BIN)/python -m raserec.results_table --write README.md

@@ -28,6 +28,13 @@ training commands (LightningCLI; configure with --config FILE.yaml, repeatable):
   test       evaluate on the test queries (--ckpt_path)
   predict    write each user's top-N items with original ids (--ckpt_path)
 
+experiments:
+  experiment pre-train -> fine-tune -> test over several seeds, with per-seed results, mean +- std,
+             a paired significance test and a comparison with the paper (resumable)
+
+  analyze    the paper's analyses of a trained model, each writing CSV + PNG: long_tail,
+             user_activity, partitions, noise, sensitivity, and drift (beyond the paper)
+
 Run `raserec <command> --help` for the options of one command.
 Examples:
   raserec stats ../shared/data/Beauty.txt
@@ -89,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             from raserec.data.prepare import stats_main
 
             return stats_main(rest)
+        if command == "analyze":
+            from raserec.analysis.cli import main as analyze_main
+
+            return analyze_main(rest)
+        if command == "experiment":
+            from raserec.experiments.runner import main as experiment_main
+
+            return experiment_main(rest)
         if command in ("fit", "validate", "test", "predict"):
             return _lightning_main(argv)
     except RaserecError as exc:

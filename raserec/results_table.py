@@ -10,20 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+from raserec.paper import ADA as ADA_PAPER
+from raserec.paper import RASEREC as PAPER
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 QUALITY_KEYS = ["test/HR@5", "test/NDCG@5", "test/HR@10", "test/NDCG@10", "test/HR@20", "test/NDCG@20"]
-
-#: Published figures (test set) the project is measured against: ../shared/REFERENCE.md.
-PAPER = {
-    ("Beauty", "SASRec (paper)"): (0.0365, 0.0236, 0.0627, 0.0281),
-    ("Beauty", "DuoRec (paper)"): (0.0541, 0.0337, 0.0834, 0.0431),
-    ("Beauty", "RaSeRec (paper)"): (0.0569, 0.0369, 0.0860, 0.0463),
-    ("Sports", "DuoRec (paper)"): (0.0315, 0.0196, 0.0479, 0.0248),
-    ("Sports", "RaSeRec (paper)"): (0.0331, 0.0211, 0.0497, 0.0264),
-    ("Clothing", "DuoRec (paper)"): (0.0191, 0.0109, 0.0293, 0.0142),
-    ("Clothing", "RaSeRec (paper)"): (0.0194, 0.0118, 0.0301, 0.0152),
-}
-
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
@@ -45,19 +36,14 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
         lines.append(f"| {dataset} | {r['model']} | " + " | ".join(cells) +
                      f" | {', '.join(map(str, r.get('seeds', [])))} | {r.get('epochs', '')} | "
                      f"{r.get('wall_time_s', 0):.0f} s | {r.get('hardware', '')} | `{r['command']}` | {name} |")
-    for (dataset, model), (h5, n5, h10, n10) in PAPER.items():
-        cells = [dataset, model, *(f"{v:.4f}" for v in (h5, n5, h10, n10)), "", "", "5 (paper)", "", "", "",
+    for (dataset, model), figures in PAPER.items():
+        cells = [dataset, model, *(_fmt(figures.get(k)) for k in QUALITY_KEYS), "5 (paper)", "", "", "",
                  "published figure", "../shared/REFERENCE.md"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 ADA_KEYS = ["test/HR@20", "test/NDCG@20", "test/HR@50", "test/NDCG@50", "base/test/HR@50", "base/test/NDCG@50"]
-#: Ada-Retrieval paper, Table 2 (top-50, fractions): base SASRec -> Ada-Retrieval.
-ADA_PAPER = {"Beauty": (0.17741, 0.07062, 0.17110, 0.06506), "Sports": (0.11352, 0.04234, 0.10924, 0.04046),
-             "Yelp": (0.12637, 0.03852, 0.12062, 0.03770)}
-
-
 def ada_table(results: list[tuple[str, dict]]) -> str:
     head = "| dataset | model | " + " | ".join(ADA_KEYS) + " | history masked | command | file |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

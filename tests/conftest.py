@@ -64,3 +64,36 @@ def tiny_file(tmp_path: Path) -> Path:
         "5 12 11 10 9 8 3\n"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def beauty_slice(tmp_path_factory) -> Path:
+    """The first 1,500 users of the real Beauty file: a real-data slice small enough for end-to-end runs."""
+    lines = require(BEAUTY).read_text().splitlines()[:1500]
+    path = tmp_path_factory.mktemp("slice") / "beauty_slice.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def short_experiment(beauty_slice, tmp_path_factory):
+    """`raserec experiment` (2 seeds, debug overlay: 5 training batches per stage) on the Beauty
+    slice, with full validation and test passes; run once and shared by the runner, analysis and
+    notebook tests. Returns (results dir, runs dir, experiment name)."""
+    from raserec.cli import main
+
+    root = tmp_path_factory.mktemp("experiment")
+    results, runs = root / "results", root / "runs"
+    repo = Path(__file__).resolve().parents[1]
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        code = main(["experiment", "--name", "beauty_raserec", "--pretrain", "configs/beauty_pretrain.yaml",
+                     "--finetune", "configs/beauty_raft.yaml", "--overlay", "configs/debug.yaml", "--seeds", "1", "2",
+                     "--results-dir", str(results), "--runs-dir", str(runs),
+                     "--fit-args", f"--data.data_path {beauty_slice} --data.cache_dir null "
+                                   "--trainer.limit_val_batches 1.0 --trainer.limit_test_batches 1.0"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return results, runs, "beauty_raserec"

@@ -68,7 +68,8 @@ class SameTargetPositives:
         """
         rows = np.asarray(rows, dtype=np.int64)
         size = self.group_size(rows)
-        key = (np.uint64(seed) * np.uint64(1_000_003) + np.uint64(epoch)) * np.uint64(0x100000001B3)
+        with np.errstate(over="ignore"):  # the key wraps modulo 2^64 on purpose
+            key = (np.uint64(seed) * np.uint64(1_000_003) + np.uint64(epoch)) * np.uint64(0x100000001B3)
         r = _splitmix64(rows.astype(np.uint64) ^ key)
         others = np.maximum(size - 1, 1).astype(np.uint64)
         pick = (r % others).astype(np.int64)

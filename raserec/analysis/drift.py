@@ -1,0 +1,123 @@
+"""Preference drift (beyond the paper, which motivates the dynamic memory bank but never measures
+it). Per user, the ``m`` most recent interactions before the validation item are held out; both
+stages are trained without them. At test time (inputs = the full history) RaSeRec is evaluated
+
+- with its stale memory bank (the pairs of the reduced data),
+- with the memory bank rebuilt from all data, held-out interactions included (no retraining),
+- against both stages retrained on all data,
+
+so the gain of refreshing the memory bank alone can be compared with the gain of retraining."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from raserec.analysis.common import METRICS, Evaluator, bar_line, metrics_from_ranks
+from raserec.data.datamodule import SequenceDataModule
+from raserec.data.sequences import SequenceData
+from raserec.errors import RaserecError
+from raserec.evaluation.per_query import build_bank
+
+
+def hold_out_recent(data: SequenceData, m: int) -> tuple[SequenceData, np.ndarray]:
+    """``data`` without each user's ``m`` items before the validation item (fewer for users with
+    fewer than ``m + 3`` items, who keep 3); also returns how many each user lost. Item ids are
+    unchanged, so models trained on either dataset share one item table."""
+    if m < 1:
+        raise RaserecError(f"--holdout must be >= 1, got {m}")
+    n = data.lengths.astype(np.int64)
+    lost = np.minimum(m, n - 3)
+    pos = np.arange(data.num_interactions) - np.repeat(data.offsets[:-1], n)
+    n_rep, lost_rep = np.repeat(n, n), np.repeat(lost, n)
+    drop = (pos >= n_rep - 2 - lost_rep) & (pos < n_rep - 2)
+    offsets = np.concatenate([[0], np.cumsum(n - lost)]).astype(np.int64)
+    return SequenceData(offsets, data.items[~drop], data.user_ids, data.item_ids), lost
+
+
+def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, encoder_checkpoint: str | None = None,
+              progress: bool = True) -> str:
+    """Train one stage (config files + overrides, as for ``raserec fit``) on ``data`` in-process;
+    returns the best checkpoint's path."""
+    from raserec.lightning_cli import RaserecCLI
+
+    args = [*config_args, "--checkpoint.dirpath", str(work_dir / "checkpoints"),
+            "--trainer.logger.init_args.save_dir", str(work_dir.parent), "--trainer.logger.init_args.name", work_dir.name,
+            "--trainer.enable_progress_bar", str(progress).lower()]
+    if encoder_checkpoint is not None:
+        args += ["--model.init_args.encoder_checkpoint", encoder_checkpoint]
+    cli = RaserecCLI(args=args, run=False)
+    cli.datamodule.set_data(data)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+    if not best:
+        raise RaserecError(f"{work_dir}: training saved no checkpoint")
+    return best
+
+
+def _configs(config: Path, overlays: Sequence[Path]) -> list[str]:
+    return [a for c in (config, *overlays) for a in ("--config", str(c))]
+
+
+def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path], holdout: int, work_dir: Path,
+          retrained_checkpoint: str | None = None, progress: bool = True) -> tuple[pl.DataFrame, object, dict]:
+    from raserec.analysis.common import load_raft
+
+    pre_args, fine_args = _configs(pretrain_config, overlays), _configs(finetune_config, overlays)
+    probe = _datamodule(pre_args)  # the pre-training config: parsing it loads no checkpoint
+    full = probe.data
+    reduced, lost = hold_out_recent(full, holdout)
+
+    enc_reduced = fit_stage(pre_args, reduced, work_dir / "reduced_pretrain", progress=progress)
+    raft_reduced = fit_stage(fine_args, reduced, work_dir / "reduced_finetune", enc_reduced, progress=progress)
+    if retrained_checkpoint is None:
+        enc_full = fit_stage(pre_args, full, work_dir / "full_pretrain", progress=progress)
+        retrained_checkpoint = fit_stage(fine_args, full, work_dir / "full_finetune", enc_full, progress=progress)
+
+    module, dm = load_raft(raft_reduced, cache_dir=probe.hparams.cache_dir)
+    dm.set_data(full)  # queries: the full history
+    dm_reduced = SequenceDataModule(**{k: v for k, v in dm.hparams.items() if not k.startswith("_")})
+    dm_reduced.set_data(reduced)
+    ev = Evaluator(module, dm, progress=progress)
+    stale = build_bank(module, dm_reduced, "test")
+    fresh = build_bank(module, dm, "test")
+    variants = [
+        ("encoder, trained without recent", ev.ranks(augmented=False)),
+        ("RaSeRec, stale memory bank", ev.ranks(dm.dataset("test"), augmented=True, bank=stale)),
+        ("RaSeRec, memory bank + recent (no retraining)", ev.ranks(dm.dataset("test"), augmented=True, bank=fresh)),
+    ]
+    retrained, dm_full = load_raft(retrained_checkpoint, cache_dir=probe.hparams.cache_dir)
+    dm_full.set_data(full)
+    ev_full = Evaluator(retrained, dm_full, progress=progress)
+    variants += [("encoder, retrained on all", ev_full.ranks(augmented=False)),
+                 ("RaSeRec, both stages retrained on all", ev_full.ranks(augmented=True))]
+    rows = []
+    for name, ranks in variants:
+        m = metrics_from_ranks(ranks, (5, 10))
+        rows.append({"variant": name, **{k: m[k] for k in METRICS}})
+    table = pl.DataFrame(rows)
+    stale_ndcg = table.row(1, named=True)["NDCG@10"]
+    table = table.with_columns((100.0 * (pl.col("NDCG@10") - stale_ndcg) / stale_ndcg).alias("gain_NDCG@10_pct"))
+    shown = table.with_columns(pl.Series("variant", [str(i + 1) for i in range(table.height)]))
+    fig = bar_line(shown, "variant", {"HR@10": "HR@10", "NDCG@10": "NDCG@10"}, "gain_NDCG@10_pct",
+                   f"Preference drift: last {holdout} items before validation held out\n"
+                   + "; ".join(f"{i + 1} = {v}" for i, v in enumerate(table["variant"].to_list()[:3])) + "\n"
+                   + "; ".join(f"{i + 4} = {v}" for i, v in enumerate(table["variant"].to_list()[3:])),
+                   "metric", line_label="NDCG@10 vs stale bank (%)")
+    extra = {"holdout": holdout, "users_with_holdout": int((lost > 0).sum()), "held_out_interactions": int(lost.sum()),
+             "reduced_checkpoints": [enc_reduced, raft_reduced], "retrained_checkpoint": retrained_checkpoint,
+             "pretrain_config": str(pretrain_config), "finetune_config": str(finetune_config),
+             "overlays": [str(o) for o in overlays], "dataset": dm.data_path.stem}
+    return table, fig, extra
+
+
+def _datamodule(config_args: Sequence[str]) -> SequenceDataModule:
+    """The datamodule a stage config describes (parsed, not trained)."""
+    from raserec.lightning_cli import RaserecCLI
+
+    cli = RaserecCLI(args=[*config_args, "--trainer.logger", "false"], run=False)
+    cli.datamodule.setup("fit")
+    return cli.datamodule

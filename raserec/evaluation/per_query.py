@@ -1,0 +1,85 @@
+"""Per-query evaluation outside a Trainer: the target rank of every query, for analyses and
+significance tests that need more than the aggregated metrics (groups, paired tests, variants
+of the memory bank or of the input sequences).
+
+The same :func:`~raserec.evaluation.ranking.target_ranks` as the Lightning test loop is used, so
+the mean of :func:`metrics_from_ranks` equals what ``raserec test`` logs for the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from raserec.data.batch import PairDataset, SequenceBatch
+from raserec.data.datamodule import SequenceDataModule, Stage
+from raserec.data.split import PairSet
+from raserec.evaluation.ranking import target_ranks
+from raserec.memory.bank import MemoryBank
+from raserec.models.encoders.base import SequenceEncoder
+
+ScoreFn = Callable[[SequenceBatch], Tensor]
+
+
+@torch.no_grad()
+def query_ranks(score_fn: ScoreFn, dataset: PairDataset, *, batch_size: int = 1024, mask_history: bool = False,
+                device: torch.device | str = "cpu", progress: bool = False, desc: str = "ranking") -> np.ndarray:
+    """0-based rank of the target of every row of ``dataset`` (int64 ``[P]``, dataset order).
+
+    ``score_fn`` maps a batch (already on ``device``) to ``[B, N]`` scores over items 1..N."""
+    out = np.empty(len(dataset), dtype=np.int64)
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", disable=not progress,
+                      leave=False):
+        rows = list(range(start, min(start + batch_size, len(dataset))))
+        batch = {k: v.to(device) for k, v in dataset.__getitems__(rows).items()}
+        history = batch["input_ids"] if mask_history else None
+        out[start:start + len(rows)] = target_ranks(score_fn(batch), batch["target"], history).cpu().numpy()
+    return out
+
+
+def encoder_scores(encoder: SequenceEncoder) -> ScoreFn:
+    """Scores of a plain (pre-trained) encoder: ``h @ item_weights.T`` in eval mode."""
+    encoder.eval()
+    return lambda batch: encoder(batch["input_ids"]) @ encoder.item_weights().T
+
+
+def module_scores(module: torch.nn.Module) -> ScoreFn:
+    """Scores of a :class:`~raserec.evaluation.module.RecommenderModule` in eval mode (a RAFT
+    module needs its ``memory_bank`` set first, e.g. by :func:`build_bank`)."""
+    module.eval()
+    return module.scores  # type: ignore[return-value]
+
+
+def build_bank(module, dm: SequenceDataModule, stage: Stage = "test", pairs: PairSet | None = None,
+               progress: bool = False) -> MemoryBank:
+    """The memory bank a RAFT ``module`` uses at ``stage`` (or over ``pairs``), with the module's
+    index settings, attached to the module and returned."""
+    version = dm.reference_version(stage) if pairs is None else None
+    pairs = dm.reference_pairs(stage) if pairs is None else pairs
+    data = dm.data
+    bank = MemoryBank.build(module.encoder, PairDataset(pairs, data.offsets, data.items, dm.max_len),
+                            module.bank_config, progress=progress, reference_version=version)
+    module.memory_bank = bank
+    return bank
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20, 50)) -> dict[str, float]:
+    """Mean HR@K and NDCG@K of 0-based ranks (same definitions as :class:`RankingMetrics`)."""
+    per = per_query_metrics(ranks, ks)
+    return {k: float(v.mean()) if len(v) else float("nan") for k, v in per.items()}
+
+
+def per_query_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20, 50)) -> dict[str, np.ndarray]:
+    """HR@K (0/1) and NDCG@K of each query."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    gain = 1.0 / np.log2(ranks + 2.0)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"HR@{k}"] = hit.astype(np.float64)
+        out[f"NDCG@{k}"] = np.where(hit, gain, 0.0)
+    return out

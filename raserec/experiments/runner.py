@@ -1,0 +1,264 @@
+"""``raserec experiment``: pre-train -> fine-tune -> test over several seeds, resumably.
+
+Each stage of each seed is one ``raserec fit`` in a subprocess (a fresh process per stage keeps
+seeding and global state exactly as for a hand-run command, and the stage's results file records
+that command). Layout, for ``--name beauty_raserec``::
+
+    results/beauty_raserec/
+        seed_2024/pretrain.json        stage results (metrics, val curve, resolved config, command)
+        seed_2024/finetune.json
+        seed_2024/ranks_test.npz       per-query test ranks of the encoder and the fine-tuned model
+        ...
+        summary.json, summary.md       mean +- std over seeds, paired tests, paper rows
+    results/beauty_raserec.json        the summary in the results-file format (README table)
+    runs/beauty_raserec/seed_2024/{pretrain,finetune}/...   checkpoints and logs (not committed)
+
+A stage is skipped when its results file exists; an interrupted stage resumes from its
+``last.ckpt``. So re-running the same command after a crash redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from raserec.errors import RaserecError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+#: ``raserec fit`` options the runner sets itself for each seed and stage.
+MANAGED = ("--seed_everything", "--data.seed", "--trainer.logger.init_args.save_dir", "--trainer.logger.init_args.name",
+           "--checkpoint.dirpath", "--results.path", "--model.init_args.encoder_checkpoint", "--ckpt_path")
+
+
+@dataclass
+class ExperimentSpec:
+    """What one experiment runs.
+
+    Attributes:
+        name: experiment name; results go to ``<results_dir>/<name>/`` and ``<results_dir>/<name>.json``.
+        pretrain: stage-1 config (``PretrainModule``).
+        finetune: stage-2 config whose model takes ``encoder_checkpoint`` (RAFT or Ada-Retrieval).
+        seeds: one full pipeline per seed (the paper averages 5 runs).
+        overlays: extra configs applied after each stage's config (e.g. ``configs/cpu_short.yaml``).
+        dataset: dataset name for the summary (default: the finetune config's ``results.dataset``).
+        backbone: ``sasrec`` / ``gru4rec`` / ``bert4rec``: selects the paper rows to compare with.
+        results_dir: where result files go.
+        runs_dir: where checkpoints and logs go.
+        extra_args: extra ``raserec fit`` arguments for both stages.
+        command: the command line that launched the experiment (recorded in the summary).
+    """
+
+    name: str
+    pretrain: Path
+    finetune: Path
+    seeds: list[int]
+    overlays: list[Path] = field(default_factory=list)
+    dataset: str | None = None
+    backbone: str = "sasrec"
+    results_dir: Path = Path("results")
+    runs_dir: Path = Path("runs")
+    extra_args: list[str] = field(default_factory=list)
+    command: str = ""
+
+    @property
+    def out(self) -> Path:
+        return self.results_dir / self.name
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.out / f"seed_{seed}"
+
+    def run_dir(self, seed: int, stage: str) -> Path:
+        return self.runs_dir / self.name / f"seed_{seed}" / stage
+
+    def checkpoint(self, seed: int, stage: str, which: str = "best") -> Path:
+        return self.run_dir(seed, stage) / "checkpoints" / f"{which}.ckpt"
+
+    def stage_results(self, seed: int, stage: str) -> Path:
+        return self.seed_dir(seed) / f"{stage}.json"
+
+    def ranks_file(self, seed: int) -> Path:
+        return self.seed_dir(seed) / "ranks_test.npz"
+
+
+def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
+    """The ``raserec fit`` arguments of one stage (without the program name)."""
+    config = spec.pretrain if stage == "pretrain" else spec.finetune
+    run_dir = spec.run_dir(seed, stage)
+    args = ["fit", "--config", str(config)]
+    for overlay in spec.overlays:
+        args += ["--config", str(overlay)]
+    args += [
+        "--seed_everything", str(seed),
+        "--data.seed", str(seed),
+        "--trainer.logger.init_args.save_dir", str(run_dir.parent),
+        "--trainer.logger.init_args.name", stage,
+        "--checkpoint.dirpath", str(run_dir / "checkpoints"),
+        "--results.path", str(spec.stage_results(seed, stage)),
+        "--trainer.enable_progress_bar", "false",
+    ]
+    if stage == "finetune":
+        args += ["--model.init_args.encoder_checkpoint", str(spec.checkpoint(seed, "pretrain"))]
+    args += spec.extra_args
+    last = spec.checkpoint(seed, stage, "last")
+    if last.is_file():  # interrupted earlier: continue from where it stopped
+        args += ["--ckpt_path", str(last)]
+    return args
+
+
+def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
+    args = stage_command(spec, seed, stage)
+    run_dir = spec.run_dir(seed, stage)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "stage.log"
+    cmd = [sys.executable, "-m", "raserec.cli", *args]
+    log.info("running: raserec %s  (log: %s)", shlex.join(args), log_path)
+    with open(log_path, "a") as log_file:
+        log_file.write(f"\n$ raserec {shlex.join(args)}\n")
+        log_file.flush()
+        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise RaserecError(f"{spec.name}: seed {seed}, stage {stage} failed (exit {proc.returncode}); "
+                           f"re-run the same command to resume. Last lines of {log_path}:\n{tail}")
+    if not spec.stage_results(seed, stage).is_file():
+        raise RaserecError(f"{spec.name}: stage {stage} of seed {seed} finished without writing "
+                           f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
+
+
+def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
+    """Per-query test ranks of the pre-trained encoder and of the fine-tuned model, for the
+    paired significance test and per-group analyses (RAFT fine-tuning only)."""
+    from raserec.checkpoint import load_encoder
+    from raserec.data.datamodule import SequenceDataModule
+    from raserec.evaluation.per_query import (
+        build_bank,
+        encoder_scores,
+        metrics_from_ranks,
+        module_scores,
+        query_ranks,
+    )
+    from raserec.finetune.module import RAFTModule
+
+    config = json.loads(spec.stage_results(seed, "finetune").read_text())["config"]
+    if config["model"]["class_path"] != "raserec.finetune.module.RAFTModule":
+        return  # Ada-Retrieval evaluates a different list; its files carry base/test/* instead
+    data = config["data"]
+    dm = SequenceDataModule(data["data_path"], max_len=data["max_len"], eval_batch_size=data["eval_batch_size"],
+                            cache_dir=data.get("cache_dir"), data_format=data.get("data_format", "auto"),
+                            k_core=data.get("k_core"), min_length=data.get("min_length", 3))
+    dm.setup("test")
+    dataset = dm.dataset("test")
+    kw = {"batch_size": dm.eval_batch_size, "mask_history": bool(config["model"]["init_args"].get("mask_history"))}
+    encoder, _ = load_encoder(spec.checkpoint(seed, "pretrain"))
+    base = query_ranks(encoder_scores(encoder), dataset, progress=True, desc="ranks: encoder", **kw)
+    ckpt = spec.checkpoint(seed, "finetune")
+    module = RAFTModule.load_from_checkpoint(ckpt, encoder_checkpoint=str(ckpt), num_items=dm.num_items,
+                                             map_location="cpu", weights_only=False)
+    build_bank(module, dm, "test")
+    tuned = query_ranks(module_scores(module), dataset, progress=True, desc="ranks: fine-tuned", **kw)
+    for stage, ranks in (("pretrain", base), ("finetune", tuned)):
+        logged = json.loads(spec.stage_results(seed, stage).read_text())["metrics"].get("test/NDCG@10")
+        recomputed = metrics_from_ranks(ranks, (10,))["NDCG@10"]
+        if logged is not None and abs(logged - recomputed) > 1e-5:
+            log.warning("seed %d, %s: per-query NDCG@10 %.5f != the logged test/NDCG@10 %.5f (was the test pass "
+                        "limited, e.g. by trainer.limit_test_batches?); the paired test uses all test queries",
+                        seed, stage, recomputed, logged)
+    pairs = dm.pairs("test")
+    path = spec.ranks_file(seed)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, user=pairs.user, target=pairs.target, end=pairs.end, encoder=base, finetune=tuned)
+    tmp.replace(path)
+
+
+def run(spec: ExperimentSpec) -> dict:
+    """Run (or resume) every missing stage of every seed, then write the summaries."""
+    spec.out.mkdir(parents=True, exist_ok=True)
+    total = len(spec.seeds) * (len(STAGES) + 1)
+    step = 0
+    for i, seed in enumerate(spec.seeds, 1):
+        spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
+        for stage in (*STAGES, "ranks"):
+            step += 1
+            prefix = f"[{spec.name} {step}/{total}] seed {seed} ({i}/{len(spec.seeds)}) {stage}"
+            done = (spec.ranks_file(seed).is_file() or _ranks_not_applicable(spec, seed)) if stage == "ranks" \
+                else spec.stage_results(seed, stage).is_file()
+            if done:
+                print(f"{prefix}: done earlier, skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            print(f"{prefix}: running", flush=True)
+            if stage == "ranks":
+                compute_ranks(spec, seed)
+            else:
+                run_stage(spec, seed, stage)
+            print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+    from raserec.experiments.summary import summarize
+
+    summary = summarize(spec)
+    print(f"[{spec.name}] summary: {spec.out / 'summary.md'} and {spec.results_dir / (spec.name + '.json')}",
+          flush=True)
+    return summary
+
+
+def _ranks_not_applicable(spec: ExperimentSpec, seed: int) -> bool:
+    path = spec.stage_results(seed, "finetune")
+    if not path.is_file():
+        return False
+    cls = (json.loads(path.read_text()).get("config") or {}).get("model", {}).get("class_path")
+    return cls != "raserec.finetune.module.RAFTModule"
+
+
+def parse_args(argv: list[str]) -> ExperimentSpec:
+    p = argparse.ArgumentParser(
+        prog="raserec experiment",
+        description="Run pre-train -> fine-tune -> test over several seeds and summarise (resumable: "
+                    "re-running the same command skips finished stages and resumes interrupted ones).",
+        epilog="example: raserec experiment --name beauty_raserec --pretrain configs/beauty_pretrain.yaml "
+               "--finetune configs/beauty_raft.yaml --seeds 2024 2025 2026 2027 2028")
+    p.add_argument("--name", required=True, help="experiment name: results/<name>/ and results/<name>.json")
+    p.add_argument("--pretrain", required=True, type=Path, help="stage-1 config (pre-training)")
+    p.add_argument("--finetune", "--raft", required=True, type=Path,
+                   help="stage-2 config (RAFT or Ada-Retrieval; its encoder_checkpoint is set to stage 1's best)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026, 2027, 2028],
+                   help="one pipeline per seed (default: five, as the paper)")
+    p.add_argument("--overlay", type=Path, action="append", default=[],
+                   help="config applied after each stage's own (repeatable), e.g. configs/cpu_short.yaml")
+    p.add_argument("--dataset", help="dataset name in the summary (default: from the finetune config)")
+    p.add_argument("--backbone", default="sasrec", choices=["sasrec", "gru4rec", "bert4rec"],
+                   help="selects the paper rows compared against")
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
+    a = p.parse_args(argv)
+    for path in (a.pretrain, a.finetune, *a.overlay):
+        if not path.is_file():
+            raise RaserecError(f"{path}: no such config file")
+    fit_args = shlex.split(a.fit_args)
+    managed = [arg for arg in fit_args if arg.split("=", 1)[0] in MANAGED]
+    if managed:
+        raise RaserecError(f"--fit-args must not set {', '.join(managed)}: the runner sets it per seed and stage "
+                           "(use --seeds, --results-dir and --runs-dir instead)")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise RaserecError(f"--seeds must be distinct, got {a.seeds}")
+    return ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, a.backbone,
+                          a.results_dir, a.runs_dir, fit_args,
+                          command=shlex.join(["raserec", "experiment", *argv]))
+
+
+def main(argv: list[str]) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+__all__ = ["ExperimentSpec", "run", "stage_command", "main"]

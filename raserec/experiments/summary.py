@@ -1,0 +1,204 @@
+"""Summaries of an experiment directory: mean +- std over seeds, paired significance tests between
+the fine-tuned model and its own pre-trained encoder, and the paper's rows beside ours.
+
+Writes ``results/<name>/summary.json``, ``results/<name>/summary.md`` and the results-file
+``results/<name>.json`` (the README table reads the latter)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from raserec.evaluation.per_query import per_query_metrics
+from raserec.paper import PAIRS, RASEREC
+from raserec.results import write_results
+
+KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
+#: Metrics of the paired tests (per query within a seed; over seed means across seeds).
+TEST_KEYS = ["HR@10", "NDCG@10", "NDCG@5"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def paired_tests(base: np.ndarray, tuned: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Two-sided paired t-test and Wilcoxon signed-rank test per metric over the queries of one
+    seed (the same test queries ranked by both models)."""
+    pb, pt = per_query_metrics(base, (5, 10)), per_query_metrics(tuned, (5, 10))
+    out: dict[str, dict[str, float | None]] = {}
+    for key in TEST_KEYS:
+        diff = pt[key] - pb[key]
+        t = stats.ttest_rel(pt[key], pb[key]) if np.any(diff != 0) else None
+        w = stats.wilcoxon(pt[key], pb[key]) if np.count_nonzero(diff) > 0 else None
+        out[key] = {
+            "mean_diff": float(diff.mean()),
+            "t": _finite(t.statistic) if t else None,
+            "p_ttest": _finite(t.pvalue) if t else 1.0,
+            "p_wilcoxon": _finite(w.pvalue) if w else 1.0,
+            "queries_better": int((diff > 0).sum()),
+            "queries_worse": int((diff < 0).sum()),
+        }
+    return out
+
+
+def _stage(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summarize(spec) -> dict[str, Any]:
+    """Collect the finished seeds of ``spec`` (an :class:`ExperimentSpec`) and write the summaries."""
+    seeds, per_seed = [], []
+    for seed in spec.seeds:
+        pre, fine = _stage(spec.stage_results(seed, "pretrain")), _stage(spec.stage_results(seed, "finetune"))
+        if not pre or not fine:
+            continue
+        entry: dict[str, Any] = {
+            "seed": seed,
+            "encoder": {k: pre["metrics"].get(f"test/{k}") for k in KEYS},
+            "finetune": {k: fine["metrics"].get(f"test/{k}") for k in KEYS},
+            "base_same_protocol": {k: fine["metrics"][f"base/test/{k}"] for k in KEYS
+                                   if f"base/test/{k}" in fine["metrics"]},
+            "epochs": {"pretrain": pre.get("epochs"), "finetune": fine.get("epochs")},
+            "wall_time_s": {"pretrain": pre.get("wall_time_s"), "finetune": fine.get("wall_time_s")},
+            "commands": {"pretrain": pre.get("command"), "finetune": fine.get("command")},
+            "hardware": fine.get("hardware") or pre.get("hardware"),
+        }
+        ranks_path = spec.ranks_file(seed)
+        if ranks_path.is_file():
+            ranks = np.load(ranks_path)
+            entry["paired_test"] = paired_tests(ranks["encoder"], ranks["finetune"])
+        seeds.append(seed)
+        per_seed.append(entry)
+    if not per_seed:
+        raise ValueError(f"{spec.name}: no seed has finished both stages yet")
+    first_fine = _stage(spec.stage_results(seeds[0], "finetune"))
+    dataset = spec.dataset or first_fine.get("dataset") or ""
+
+    def agg(model: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in KEYS:
+            values = [e[model][k] for e in per_seed if e[model].get(k) is not None]
+            if values:
+                out[f"test/{k}"], out[f"test/{k}_std"] = _mean_std(values)
+        return out
+
+    encoder, tuned = agg("encoder"), agg("finetune")
+    across: dict[str, dict[str, float | None]] = {}
+    if len(per_seed) > 1:
+        for k in TEST_KEYS:
+            a = [e["finetune"][k] for e in per_seed]
+            b = [e["encoder"][k] for e in per_seed]
+            t = stats.ttest_rel(a, b) if not np.allclose(a, b) else None
+            across[k] = {"mean_diff": float(np.mean(np.subtract(a, b))),
+                         "t": _finite(t.statistic) if t else None, "p_ttest": _finite(t.pvalue) if t else 1.0}
+    paper_names = PAIRS.get((dataset, spec.backbone))
+    paper = {name: RASEREC[(dataset, name)] for name in paper_names} if paper_names else {}
+    wall = sum(float(v or 0) for e in per_seed for v in e["wall_time_s"].values())
+    summary = {
+        "name": spec.name,
+        "dataset": dataset,
+        "backbone": spec.backbone,
+        "seeds": seeds,
+        "seeds_requested": list(spec.seeds),
+        "encoder": encoder,
+        "finetune": tuned,
+        "paired_test_across_seeds": across,
+        "paper": paper,
+        "per_seed": per_seed,
+        "wall_time_s": round(wall, 1),
+        "hardware": per_seed[0]["hardware"],
+        "command": spec.command,
+        "notes": first_fine.get("notes", ""),
+        "model": first_fine.get("model", ""),
+    }
+    spec.out.mkdir(parents=True, exist_ok=True)
+    write_results(spec.out / "summary.json", summary)
+    (spec.out / "summary.md").write_text(markdown(summary))
+    record = {
+        "command": spec.command,
+        "hardware": summary["hardware"],
+        "dataset": dataset,
+        "model": summary["model"] or spec.name,
+        "seeds": seeds,
+        "wall_time_s": summary["wall_time_s"],
+        "epochs": ", ".join(f"{e['epochs']['pretrain']}+{e['epochs']['finetune']}" for e in per_seed),
+        "notes": summary["notes"],
+        "metrics": tuned,
+        "encoder_metrics": encoder,
+        "paired_test_across_seeds": across,
+        "paired_test_per_seed": {str(e["seed"]): e.get("paired_test") for e in per_seed},
+        "experiment_dir": str(spec.out),
+    }
+    write_results(spec.results_dir / f"{spec.name}.json", record)
+    return summary
+
+
+def _pm(m: dict[str, float], k: str) -> str:
+    if f"test/{k}" not in m:
+        return ""
+    std = m.get(f"test/{k}_std", 0.0)
+    return f"{m[f'test/{k}']:.4f} ± {std:.4f}" if std else f"{m[f'test/{k}']:.4f}"
+
+
+def _gain(new: dict[str, float], old: dict[str, float], k: str) -> str:
+    a, b = new.get(f"test/{k}"), old.get(f"test/{k}")
+    return "" if a is None or not b else f"{100.0 * (a - b) / b:+.1f}%"
+
+
+def markdown(s: dict[str, Any]) -> str:
+    keys = KEYS[:4]
+    lines = [f"# {s['name']}: {s['dataset']}, {s['backbone']} backbone", "",
+             f"Seeds {', '.join(map(str, s['seeds']))} (of {len(s['seeds_requested'])} requested); "
+             f"total wall time {s['wall_time_s']:.0f} s on {s['hardware']}.", ""]
+    if s["notes"]:
+        lines += [f"Notes: {s['notes']}", ""]
+    lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines.append("| ours: pre-trained encoder | " + " | ".join(_pm(s["encoder"], k) for k in keys) + " |")
+    lines.append("| ours: RaSeRec | " + " | ".join(_pm(s["finetune"], k) for k in keys) + " |")
+    lines.append("| ours: gain over encoder | " + " | ".join(_gain(s["finetune"], s["encoder"], k) for k in keys) + " |")
+    names = list(s["paper"])
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_pm(s["paper"][name], k) for k in keys) + " |")
+    if len(names) == 2:
+        paper_enc, paper_tuned = s["paper"][names[0]], s["paper"][names[1]]
+        lines.append("| paper: gain | " + " | ".join(_gain(paper_tuned, paper_enc, k) for k in keys) + " |")
+    lines += ["", "## Paired significance tests (RaSeRec vs its own pre-trained encoder)", "",
+              "Per seed, over the test queries (two-sided paired t-test and Wilcoxon signed-rank):", "",
+              "| seed | metric | mean diff | queries better / worse | p (t-test) | p (Wilcoxon) |",
+              "|---|---|---|---|---|---|"]
+    for e in s["per_seed"]:
+        for k, t in (e.get("paired_test") or {}).items():
+            lines.append(f"| {e['seed']} | {k} | {t['mean_diff']:+.5f} | {t['queries_better']} / {t['queries_worse']} | "
+                         f"{_p(t['p_ttest'])} | {_p(t['p_wilcoxon'])} |")
+    if s["paired_test_across_seeds"]:
+        lines += ["", "Across seeds (paired t-test over the per-seed means):", "",
+                  "| metric | mean diff | p (t-test) |", "|---|---|---|"]
+        for k, t in s["paired_test_across_seeds"].items():
+            lines.append(f"| {k} | {t['mean_diff']:+.5f} | {_p(t['p_ttest'])} |")
+    lines += ["", "## Per seed", "", "| seed | encoder HR@10 | RaSeRec HR@10 | encoder NDCG@10 | RaSeRec NDCG@10 | "
+              "epochs (stage 1 + 2) | wall time |", "|---|---|---|---|---|---|---|"]
+    for e in s["per_seed"]:
+        lines.append(f"| {e['seed']} | {e['encoder']['HR@10']:.4f} | {e['finetune']['HR@10']:.4f} | "
+                     f"{e['encoder']['NDCG@10']:.4f} | {e['finetune']['NDCG@10']:.4f} | "
+                     f"{e['epochs']['pretrain']} + {e['epochs']['finetune']} | "
+                     f"{sum(float(v or 0) for v in e['wall_time_s'].values()):.0f} s |")
+    lines += ["", f"Command: `{s['command']}`", ""]
+    for e in s["per_seed"][:1]:
+        lines += ["Stage commands of the first seed:", "", f"- `{e['commands']['pretrain']}`",
+                  f"- `{e['commands']['finetune']}`", ""]
+    return "\n".join(lines)
+
+
+def _p(p: float | None) -> str:
+    return "" if p is None else f"{p:.2g}"

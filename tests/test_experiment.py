@@ -1,0 +1,118 @@
+"""The experiment runner: stages per seed, resumption, per-query ranks, summaries and the paired test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raserec.cli import main
+from raserec.evaluation.per_query import metrics_from_ranks
+from raserec.experiments.runner import ExperimentSpec, stage_command
+from raserec.experiments.summary import paired_tests
+
+pytestmark = pytest.mark.slow
+
+
+def test_each_seed_has_both_stages_ranks_and_configs(short_experiment):
+    results, runs, name = short_experiment
+    for seed in (1, 2):
+        pre = json.loads((results / name / f"seed_{seed}" / "pretrain.json").read_text())
+        fine = json.loads((results / name / f"seed_{seed}" / "finetune.json").read_text())
+        assert pre["seeds"] == [seed] and fine["seeds"] == [seed]
+        assert pre["config"]["seed_everything"] == seed
+        # stage 2 used stage 1's best checkpoint of the same seed
+        assert fine["config"]["model"]["init_args"]["encoder_checkpoint"] == \
+            str(runs / name / f"seed_{seed}" / "pretrain" / "checkpoints" / "best.ckpt")
+        ranks = np.load(results / name / f"seed_{seed}" / "ranks_test.npz")
+        assert len(ranks["encoder"]) == len(ranks["finetune"]) == 1500  # one test query per user
+        # the per-query ranks reproduce the Lightning test loop's metrics exactly
+        for stage, key in ((pre, "encoder"), (fine, "finetune")):
+            m = metrics_from_ranks(ranks[key], (5, 10, 20, 50))
+            for metric in ("HR@5", "NDCG@10", "HR@50"):
+                assert m[metric] == pytest.approx(stage["metrics"][f"test/{metric}"], abs=1e-6), (key, metric)
+    # different seeds train different models
+    a = json.loads((results / name / "seed_1" / "pretrain.json").read_text())["metrics"]
+    b = json.loads((results / name / "seed_2" / "pretrain.json").read_text())["metrics"]
+    assert a != b
+
+
+def test_summary_is_the_mean_and_std_over_seeds(short_experiment):
+    results, _, name = short_experiment
+    summary = json.loads((results / name / "summary.json").read_text())
+    per = [json.loads((results / name / f"seed_{s}" / "finetune.json").read_text())["metrics"] for s in (1, 2)]
+    values = [p["test/NDCG@10"] for p in per]
+    assert summary["finetune"]["test/NDCG@10"] == pytest.approx(np.mean(values))
+    assert summary["finetune"]["test/NDCG@10_std"] == pytest.approx(np.std(values, ddof=1))
+    assert summary["seeds"] == [1, 2]
+    assert set(summary["paper"]) == {"DuoRec (paper)", "RaSeRec (paper)"}
+    for seed_entry in summary["per_seed"]:
+        for test in seed_entry["paired_test"].values():
+            assert 0.0 <= test["p_ttest"] <= 1.0 and 0.0 <= test["p_wilcoxon"] <= 1.0
+    record = json.loads((results / f"{name}.json").read_text())
+    for key in ("command", "hardware", "dataset", "model", "seeds", "wall_time_s", "metrics"):
+        assert key in record
+    assert record["command"].startswith("raserec experiment --name beauty_raserec")
+    assert record["metrics"]["test/HR@10"] == summary["finetune"]["test/HR@10"]
+    md = (results / name / "summary.md").read_text()
+    assert "RaSeRec (paper) | 0.0569" in md and "Paired significance tests" in md
+
+
+def test_rerun_skips_finished_stages(short_experiment, capsys, monkeypatch):
+    results, runs, name = short_experiment
+    stamps = {p: p.stat().st_mtime_ns for p in (results / name).rglob("*.json") if p.parent.name.startswith("seed")}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["experiment", "--name", name, "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
+                 "configs/beauty_raft.yaml", "--seeds", "1", "2", "--results-dir", str(results),
+                 "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 6
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
+    spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), Path("configs/beauty_raft.yaml"), [7],
+                          results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
+    args = stage_command(spec, 7, "pretrain")
+    assert "--ckpt_path" not in args
+    last = spec.checkpoint(7, "pretrain", "last")
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    args = stage_command(spec, 7, "pretrain")
+    assert args[args.index("--ckpt_path") + 1] == str(last)
+    fine = stage_command(spec, 7, "finetune")
+    assert fine[fine.index("--model.init_args.encoder_checkpoint") + 1] == str(spec.checkpoint(7, "pretrain"))
+    assert fine[fine.index("--seed_everything") + 1] == "7"
+
+
+def test_a_failing_stage_is_reported_with_its_log(tmp_path, capsys, beauty_slice, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    code = main(["experiment", "--name", "bad", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
+                 "configs/beauty_raft.yaml", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
+                 "--runs-dir", str(tmp_path / "runs"), "--fit-args", "--data.data_path /nonexistent/file.txt"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stage pretrain failed" in err and "no such file or directory" in err
+
+
+def test_missing_config_is_a_clear_error(capsys):
+    assert main(["experiment", "--name", "x", "--pretrain", "nope.yaml", "--finetune", "configs/beauty_raft.yaml"]) == 2
+    assert "nope.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_paired_tests_detect_a_real_difference():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 200, 5000)
+    better = np.where(rng.random(5000) < 0.3, base // 4, base)  # 30% of queries move up
+    t = paired_tests(base, better)["NDCG@10"]
+    assert t["mean_diff"] > 0 and t["p_ttest"] < 1e-6 and t["queries_worse"] == 0
+    same = paired_tests(base, base)["NDCG@10"]
+    assert same["p_ttest"] == 1.0 and same["mean_diff"] == 0.0
+
+
+def test_fit_args_cannot_override_what_the_runner_manages(capsys):
+    assert main(["experiment", "--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
+                 "configs/beauty_raft.yaml", "--fit-args=--results.path=elsewhere.json"]) == 2
+    assert "--fit-args must not set --results.path=elsewhere.json" in capsys.readouterr().err
