@@ -29,7 +29,8 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
         " | seeds | epochs | wall time | hardware | command | file |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [(r["dataset"], name, r) for name, r in results
-            if any(k in r.get("metrics", {}) for k in QUALITY_KEYS) and "base/test/HR@50" not in r["metrics"]]
+            if any(k in r.get("metrics", {}) for k in QUALITY_KEYS) and "base/test/HR@50" not in r["metrics"]
+            and "experiment_dir" not in r]  # experiments have their own table
     for dataset, name, r in sorted(rows):
         m = r["metrics"]
         cells = [_fmt(m.get(k)) for k in QUALITY_KEYS]
@@ -70,10 +71,70 @@ def bench_table(results: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+EXPERIMENT_KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10"]
+
+
+def _pm(metrics: dict, key: str, with_std: bool = False) -> str:
+    value = metrics.get(f"test/{key}")
+    if value is None:
+        return ""
+    std = metrics.get(f"test/{key}_std")
+    return f"{value:.4f} ± {std:.4f}" if with_std and std is not None else f"{value:.4f}"
+
+
+def _gains(new: dict, old: dict) -> str:
+    cells = []
+    for k in EXPERIMENT_KEYS:
+        a, b = new.get(f"test/{k}"), old.get(f"test/{k}")
+        cells.append(f"{100 * (a - b) / b:+.1f}%" if a is not None and b else "")
+    return " | ".join(cells)
+
+
+def experiments_table(results_dir: Path) -> str:
+    """Ours (mean ± std over seeds) next to the paper, from ``results/<experiment>/summary.json``."""
+    head = ("| dataset | backbone | row | " + " | ".join(EXPERIMENT_KEYS) +
+            " | seeds | epochs (stage 1 + 2) | schedule | wall time | hardware | command |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for path in sorted(results_dir.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        seeds = ", ".join(map(str, s["seeds"]))
+        epochs = ", ".join(f"{e['epochs']['pretrain']} + {e['epochs']['finetune']}" for e in s["per_seed"])
+        schedule = "CPU short (configs/cpu_short.yaml)" if "cpu_short" in s["command"] else "config as committed"
+        common = f" | {seeds} | {epochs} | {schedule} | {s['wall_time_s']:.0f} s | {s['hardware']} | `{s['command']}` |"
+        rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec", s["finetune"])]
+        for label, m in rows:
+            lines.append(f"| {s['dataset']} | {s['backbone']} | {label} | " +
+                         " | ".join(_pm(m, k, len(s["seeds"]) > 1) for k in EXPERIMENT_KEYS) + common)
+        lines.append(f"| {s['dataset']} | {s['backbone']} | ours: gain over encoder | " +
+                     _gains(s["finetune"], s["encoder"]) + " | | | | | | |")
+        for name, m in s["paper"].items():
+            lines.append(f"| {s['dataset']} | {s['backbone']} | {name} | " + " | ".join(_pm(m, k) for k in EXPERIMENT_KEYS)
+                         + " | 5 runs | | | | | published figure |")
+        if len(s["paper"]) == 2:
+            enc, tuned = s["paper"].values()
+            lines.append(f"| {s['dataset']} | {s['backbone']} | paper: gain | " + _gains(tuned, enc) + " | | | | | | |")
+    return "\n".join(lines)
+
+
+def analyses_table(results_dir: Path) -> str:
+    lines = ["| analysis | dataset | model checkpoint | wall time | hardware | command | files |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(results_dir.glob("analysis/*/*.json")):
+        r = json.loads(path.read_text())
+        stem = Path(results_dir.name) / path.with_suffix("").relative_to(results_dir)
+        lines.append(f"| {r.get('analysis', stem.name)} | {r.get('dataset', '')} | {r.get('checkpoint', '')} | "
+                     f"{r.get('wall_time_s', 0):.0f} s | {r.get('hardware', '')} | `{r.get('command', '')}` | "
+                     f"{stem}.csv, .png |")
+    return "\n".join(lines)
+
+
 def render(results_dir: Path) -> str:
     results = load(results_dir)
-    return (f"{START}\n### Quality (test set, full ranking)\n\n{quality_table(results)}\n\n"
+    return (f"{START}\n### Experiments: ours (mean ± std over seeds) vs the paper\n\n"
+            f"Made by `raserec experiment` / `make reproduce`; per-seed files, paired tests and configs in "
+            f"`results/<experiment>/`.\n\n{experiments_table(results_dir)}\n\n"
+            f"### Single runs (test set, full ranking)\n\n{quality_table(results)}\n\n"
             f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
+            f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"
             f"### Speed benchmarks\n\n{bench_table(results)}\n{END}")
 
 

@@ -116,3 +116,18 @@ def test_fit_args_cannot_override_what_the_runner_manages(capsys):
     assert main(["experiment", "--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
                  "configs/beauty_raft.yaml", "--fit-args=--results.path=elsewhere.json"]) == 2
     assert "--fit-args must not set --results.path=elsewhere.json" in capsys.readouterr().err
+
+
+def test_readme_table_is_generated_from_the_experiment(short_experiment):
+    from raserec.results_table import END, START, render
+
+    results, _, name = short_experiment
+    summary = json.loads((results / name / "summary.json").read_text())
+    block = render(results)
+    assert block.startswith(START) and block.endswith(END)
+    mean, std = summary["finetune"]["test/HR@10"], summary["finetune"]["test/HR@10_std"]
+    row = next(line for line in block.splitlines() if "| ours: RaSeRec |" in line)
+    assert f"{mean:.4f} ± {std:.4f}" in row and "| 1, 2 |" in row
+    assert "| Beauty | sasrec | RaSeRec (paper) | 0.0569 | 0.0369 | 0.0860 | 0.0463 |" in block
+    # the experiment's results-file is not listed a second time among the single runs
+    assert f"| {name}.json |" not in block

@@ -144,11 +144,11 @@ def summarize(spec) -> dict[str, Any]:
     return summary
 
 
-def _pm(m: dict[str, float], k: str) -> str:
+def _pm(m: dict[str, float], k: str, with_std: bool = False) -> str:
     if f"test/{k}" not in m:
         return ""
-    std = m.get(f"test/{k}_std", 0.0)
-    return f"{m[f'test/{k}']:.4f} ± {std:.4f}" if std else f"{m[f'test/{k}']:.4f}"
+    std = m.get(f"test/{k}_std")
+    return f"{m[f'test/{k}']:.4f} ± {std:.4f}" if with_std and std is not None else f"{m[f'test/{k}']:.4f}"
 
 
 def _gain(new: dict[str, float], old: dict[str, float], k: str) -> str:
@@ -164,8 +164,9 @@ def markdown(s: dict[str, Any]) -> str:
     if s["notes"]:
         lines += [f"Notes: {s['notes']}", ""]
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines.append("| ours: pre-trained encoder | " + " | ".join(_pm(s["encoder"], k) for k in keys) + " |")
-    lines.append("| ours: RaSeRec | " + " | ".join(_pm(s["finetune"], k) for k in keys) + " |")
+    multi = len(s["seeds"]) > 1
+    lines.append("| ours: pre-trained encoder | " + " | ".join(_pm(s["encoder"], k, multi) for k in keys) + " |")
+    lines.append("| ours: RaSeRec | " + " | ".join(_pm(s["finetune"], k, multi) for k in keys) + " |")
     lines.append("| ours: gain over encoder | " + " | ".join(_gain(s["finetune"], s["encoder"], k) for k in keys) + " |")
     names = list(s["paper"])
     for name in names:
