@@ -319,6 +319,52 @@ def test_adapters_get_gradients_and_the_backbone_trains(loss: str, data_and_ckpt
     assert not module.base_encoder.training
 
 
+# ----------------------------------------------------------------------------- RaSeRec + Ada-Retrieval
+def test_ram_with_alpha_one_leaves_ada_unchanged(data_and_ckpt) -> None:
+    """With memory_alpha = 1 the RAM returns u_t itself: the rounds equal plain Ada-Retrieval."""
+    data, ckpt = data_and_ckpt
+    torch.manual_seed(0)
+    plain = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20)).eval()
+    torch.manual_seed(0)
+    combined = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, memory_alpha=1.0).eval()
+    combined.load_state_dict({**combined.state_dict(), **plain.state_dict()})
+    trainer = _trainer(limit_test_batches=1)
+    dm = synthetic_dm(data)
+    trainer.test(combined, datamodule=dm, verbose=False)  # builds the memory bank through the callback
+    assert combined.memory_bank is not None and len(combined.memory_bank) == len(dm.reference_pairs("test"))
+    batch = _batch(data, split="test", n=64)
+    with torch.no_grad():
+        a, b = plain.rounds_output(batch), combined.rounds_output(batch)
+    assert torch.equal(a.retrieved, b.retrieved) and torch.equal(a.user_reprs, b.user_reprs)
+
+
+def test_ram_augments_every_round_and_trains_with_the_adapters(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    module = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, memory_alpha=0.5)
+    frozen = {k: v.clone() for k, v in module.memory_encoder.state_dict().items()}
+    ram_before = {k: v.clone() for k, v in module.ram.state_dict().items()}
+    dm = synthetic_dm(data, batch_size=64, eval_batch_size=128)
+    _trainer(limit_train_batches=3).fit(module, datamodule=dm)
+    assert module._bank_callback.num_builds == 1  # fit and validation share the training-pair bank
+    assert all(torch.equal(v, frozen[k]) for k, v in module.memory_encoder.state_dict().items())
+    assert not module.memory_encoder.training
+    assert any(not torch.equal(v, ram_before[k]) for k, v in module.ram.state_dict().items())
+    ids = {id(p) for g in module.configure_optimizers().param_groups for p in g["params"]}
+    assert {id(p) for p in module.ram.parameters()} <= ids
+    # u_t of round 1 is now RAM(backbone output), no longer the backbone alone
+    module.eval()
+    batch = _batch(data, split="val", n=32)
+    with torch.no_grad():
+        out = module.rounds_output(batch)
+        assert not torch.allclose(out.user_reprs[:, 0], module.encoder(batch["input_ids"]))
+
+
+def test_ram_checkpoint_must_hold_ram_weights(data_and_ckpt) -> None:
+    data, ckpt = data_and_ckpt
+    with pytest.raises(CheckpointError, match="no RAM weights"):
+        _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, ram_checkpoint=str(ckpt))
+
+
 # ----------------------------------------------------------------------------- real data
 class _ValCurve(L.Callback):
     def __init__(self) -> None:

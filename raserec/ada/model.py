@@ -9,6 +9,7 @@ backbone. The final list is the rounds' blocks concatenated in order (not re-sor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -79,7 +80,8 @@ class AdaRetrieval(nn.Module):
         """Length of the final list, ``T * k`` (``<= total_k``)."""
         return self.rounds * self.k
 
-    def forward(self, input_ids: Tensor, exclude: Tensor | None = None, return_scores: bool = False) -> AdaOutput:
+    def forward(self, input_ids: Tensor, exclude: Tensor | None = None, return_scores: bool = False,
+                augment: Callable[[Tensor], Tensor] | None = None) -> AdaOutput:
         """Run the T rounds.
 
         Args:
@@ -88,6 +90,8 @@ class AdaRetrieval(nn.Module):
                 0 = none). Items retrieved in earlier rounds are always excluded from later ones.
             return_scores: also return each round's raw scores ``[B, N]`` with gradients (for a
                 full-softmax loss); otherwise retrieval scores are computed without autograd.
+            augment: optional map applied to every round's user representation before it
+                retrieves (RaSeRec + Ada-Retrieval: RAM with memories from a memory bank).
         """
         encoder = self.encoder
         weights = encoder.item_weights()  # [N, d], column j = item j + 1
@@ -118,6 +122,8 @@ class AdaRetrieval(nn.Module):
                     history = encoder.item_embedding(input_ids)
                 u = encoder(input_ids, item_embeddings=self.ira(history, blocks))
                 u = self.ura(u, torch.stack(users, dim=1))
+            if augment is not None:
+                u = augment(u)
             users.append(u)
             if return_scores:
                 s = u @ weights.T

@@ -15,9 +15,13 @@ from torch import Tensor
 from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
 from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
 from raserec.data.batch import SequenceBatch
+from raserec.errors import CheckpointError, RaserecError
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.ranking import target_ranks
+from raserec.finetune.ram import RetrievalAugmentedModule
+from raserec.memory.bank import IndexConfig, MemoryBank
+from raserec.memory.callback import MemoryBankCallback
 from raserec.models.encoders.base import SequenceEncoder
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,17 @@ class AdaRetrievalModule(RecommenderModule):
             is never excluded at evaluation). Off in our main protocol.
         predict_top_n: items per user written by ``raserec predict`` (the list's first n, at most
             T * k).
+        memory_k: RaSeRec + Ada-Retrieval (no published system has it): > 0 retrieves this many
+            memories per query from a memory bank of the training pairs, keyed by a frozen copy
+            of the pre-trained backbone (as RaSeRec's), and a RAM mixes them into every round's
+            user representation u_t before it retrieves. 0 = plain Ada-Retrieval.
+        memory_alpha: RAM's alpha (weight of u_t itself).
+        memory_beta: RAM's beta (channel 1 vs channel 2).
+        ram_checkpoint: initialise the RAM from a trained RAFT checkpoint (its ``ram.*`` weights;
+            ``null``: fresh).
+        memory_index: faiss index of the memory bank.
+        memory_nlist: IVF lists.
+        memory_nprobe: IVF lists probed per query.
     """
 
     def __init__(
@@ -102,6 +117,13 @@ class AdaRetrievalModule(RecommenderModule):
         metric_ks: Sequence[int] = (20, 50),
         mask_history: bool = False,
         predict_top_n: int = 50,
+        memory_k: int = 0,
+        memory_alpha: float = 0.5,
+        memory_beta: float = 1.0,
+        ram_checkpoint: str | None = None,
+        memory_index: Literal["ivf_flat", "flat", "ivf_pq"] = "ivf_flat",
+        memory_nlist: int = 128,
+        memory_nprobe: int = 1,
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
         if loss not in ("bce", "ce"):
@@ -126,6 +148,19 @@ class AdaRetrievalModule(RecommenderModule):
                              persistent=False)
         self.base_val_metrics = RankingMetrics(metric_ks)
         self.base_test_metrics = RankingMetrics(metric_ks)
+        if memory_k < 0:
+            raise ValueError(f"memory_k must be >= 0, got {memory_k}")
+        self.memory_k = memory_k
+        self.memory_encoder: SequenceEncoder | None = None
+        self.ram: RetrievalAugmentedModule | None = None
+        self.memory_bank: MemoryBank | None = None
+        self._bank_callback: MemoryBankCallback | None = None
+        if memory_k > 0:
+            self.memory_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
+            self.ram = RetrievalAugmentedModule(encoder.hidden_size, alpha=memory_alpha, beta=memory_beta)
+            if ram_checkpoint is not None:
+                self._load_ram(ram_checkpoint)
+            self.bank_config = IndexConfig(kind=memory_index, nlist=memory_nlist, nprobe=memory_nprobe)
 
     @property
     def encoder(self) -> SequenceEncoder:
@@ -134,9 +169,41 @@ class AdaRetrievalModule(RecommenderModule):
 
     def train(self, mode: bool = True) -> AdaRetrievalModule:
         super().train(mode)
-        if self.base_encoder is not None:
-            self.base_encoder.eval()  # Lightning calls train() every epoch: the reference stays frozen
+        for frozen in (self.base_encoder, self.memory_encoder):
+            if frozen is not None:
+                frozen.eval()  # Lightning calls train() every epoch: the frozen copies stay frozen
         return self
+
+    def _load_ram(self, path: str) -> None:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("ram."): v for k, v in blob.get("state_dict", {}).items() if k.startswith("ram.")}
+        if not state:
+            raise CheckpointError(f"{path}: no RAM weights (ram.*); pass a RAFT checkpoint")
+        try:
+            self.ram.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: its RAM does not fit this one (alpha/beta/size): {exc}") from exc
+
+    def configure_callbacks(self) -> list:
+        if self.memory_k == 0:
+            return []
+        if self._bank_callback is None:  # one instance: its build counter spans fit and test
+            self._bank_callback = MemoryBankCallback(self.bank_config, encoder_attribute="memory_encoder")
+        return [self._bank_callback]
+
+    def _augmenter(self, batch: SequenceBatch):
+        """RAM with this batch's K memories (retrieved once, shared by all rounds), or ``None``."""
+        if self.memory_k == 0:
+            return None
+        if self.memory_bank is None:
+            raise RaserecError("memory_k > 0 needs a memory bank: run the module through a Trainer")
+        with torch.no_grad():
+            h = self.memory_encoder(batch["input_ids"])
+        rows, mask = self.memory_bank.search(h, batch["user"], batch["end"], self.memory_k)
+        h_k, targets = self.memory_bank.gather(rows, mask)
+        h_k, targets, mask = h_k.to(self.device), targets.to(self.device), mask.to(self.device)
+        v_k = self.encoder.item_embedding(targets)
+        return lambda u: self.ram(u, h_k, v_k, mask)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -157,7 +224,8 @@ class AdaRetrievalModule(RecommenderModule):
 
     def rounds_output(self, batch: SequenceBatch, return_scores: bool = False) -> AdaOutput:
         """The multi-round pass on a batch (history exclusion per ``mask_history``)."""
-        return self.model(batch["input_ids"], self._exclude(batch, exempt_target=not self.training), return_scores)
+        return self.model(batch["input_ids"], self._exclude(batch, exempt_target=not self.training), return_scores,
+                          augment=self._augmenter(batch))
 
     def user_representation(self, batch: SequenceBatch) -> Tensor:
         """Round 1's representation (the fine-tuned backbone's); the list needs all rounds."""
@@ -197,6 +265,8 @@ class AdaRetrievalModule(RecommenderModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ram is not None:
+            params += list(self.ram.parameters())
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
     # ---------------------------------------------------------------- evaluation

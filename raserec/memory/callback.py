@@ -41,15 +41,18 @@ class MemoryBankCallback(L.Callback):
             instead of rebuilt (a stale one is rebuilt and overwritten, never used).
         progress: show a progress bar while encoding.
         attribute: name of the module attribute the bank is attached to.
+        encoder_attribute: name of the module attribute holding the frozen encoder whose h the
+            bank stores (RAFT: ``encoder``; Ada-Retrieval + RAM: ``memory_encoder``).
     """
 
     def __init__(self, config: IndexConfig | None = None, batch_size: int = 2048, save_dir: str | Path | None = None,
-                 progress: bool = True, attribute: str = "memory_bank") -> None:
+                 progress: bool = True, attribute: str = "memory_bank", encoder_attribute: str = "encoder") -> None:
         self.config = config or IndexConfig()
         self.batch_size = batch_size
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.progress = progress
         self.attribute = attribute
+        self.encoder_attribute = encoder_attribute
         self.num_builds = 0
         self.num_loads = 0
         self.history: list[tuple[str, str, str]] = []  # (stage, reference_version, "built" | "loaded")
@@ -74,7 +77,7 @@ class MemoryBankCallback(L.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "reference_version"):
             raise RaserecError("the memory bank needs a SequenceDataModule (trainer.datamodule has no reference set)")
-        encoder = pl_module.encoder
+        encoder = getattr(pl_module, self.encoder_attribute)
         version = dm.reference_version(stage)
         fingerprint = state_fingerprint(encoder)
         bank: MemoryBank | None = getattr(pl_module, self.attribute, None)
