@@ -308,6 +308,6 @@ def test_raft_configs_hold_the_paper_settings() -> None:
         assert args["lr"] == 0.001 and args["dropout"] == 0.5 and args["index"] == "ivf_flat"
         assert cfg["data"]["batch_size"] == 1024 and cfg["trainer"]["max_epochs"] == 100
         assert cfg["early_stopping"]["patience"] == 10 and cfg["data"]["data_path"].endswith(data)
-        assert cfg["results"]["path"] == f"results/{name}_raserec.json"
+        assert cfg["results"]["path"] == f"results/{name}_raft.json"
         assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{name}_raft"
         assert np.isclose(args["alpha"], 0.5)
