@@ -131,3 +131,20 @@ def test_readme_table_is_generated_from_the_experiment(short_experiment):
     assert "| Beauty | sasrec | RaSeRec (paper) | 0.0569 | 0.0369 | 0.0860 | 0.0463 |" in block
     # the experiment's results-file is not listed a second time among the single runs
     assert f"| {name}.json |" not in block
+
+
+def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
+    """Ada-Retrieval stage-2 files carry only @20/@50 and base/test/*; the summary copes."""
+    from raserec.experiments.summary import summarize
+
+    spec = ExperimentSpec("beauty_ada", Path("a.yaml"), Path("b.yaml"), [1], results_dir=tmp_path, command="c")
+    seed_dir = spec.seed_dir(1)
+    seed_dir.mkdir(parents=True)
+    common = {"command": "raserec fit", "hardware": "cpu", "dataset": "Beauty", "epochs": 1, "wall_time_s": 2.0}
+    (seed_dir / "pretrain.json").write_text(json.dumps({**common, "metrics": {"test/HR@10": 0.1, "test/HR@50": 0.3}}))
+    (seed_dir / "finetune.json").write_text(json.dumps({**common, "model": "Ada", "metrics": {
+        "test/HR@50": 0.32, "base/test/HR@50": 0.3}}))
+    summary = summarize(spec)
+    assert summary["finetune"] == {"test/HR@50": 0.32, "test/HR@50_std": 0.0}
+    assert summary["per_seed"][0]["base_same_protocol"] == {"HR@50": 0.3}
+    assert "| 1 | 0.1000 | — |" in (tmp_path / "beauty_ada" / "summary.md").read_text()

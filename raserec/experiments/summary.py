@@ -190,8 +190,8 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["", "## Per seed", "", "| seed | encoder HR@10 | RaSeRec HR@10 | encoder NDCG@10 | RaSeRec NDCG@10 | "
               "epochs (stage 1 + 2) | wall time |", "|---|---|---|---|---|---|---|"]
     for e in s["per_seed"]:
-        lines.append(f"| {e['seed']} | {e['encoder']['HR@10']:.4f} | {e['finetune']['HR@10']:.4f} | "
-                     f"{e['encoder']['NDCG@10']:.4f} | {e['finetune']['NDCG@10']:.4f} | "
+        cells = [_f(e[model].get(k)) for k in ("HR@10", "NDCG@10") for model in ("encoder", "finetune")]
+        lines.append(f"| {e['seed']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
                      f"{e['epochs']['pretrain']} + {e['epochs']['finetune']} | "
                      f"{sum(float(v or 0) for v in e['wall_time_s'].values()):.0f} s |")
     lines += ["", f"Command: `{s['command']}`", ""]
@@ -199,6 +199,10 @@ def markdown(s: dict[str, Any]) -> str:
         lines += ["Stage commands of the first seed:", "", f"- `{e['commands']['pretrain']}`",
                   f"- `{e['commands']['finetune']}`", ""]
     return "\n".join(lines)
+
+
+def _f(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _p(p: float | None) -> str:
