@@ -45,18 +45,25 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
 
 
 ADA_KEYS = ["test/HR@20", "test/NDCG@20", "test/HR@50", "test/NDCG@50", "base/test/HR@50", "base/test/NDCG@50"]
+def _rel(new: float | None, old: float | None) -> str:
+    return "" if new is None or not old else f"{100 * (new - old) / old:+.1f}%"
+
+
 def ada_table(results: list[tuple[str, dict]]) -> str:
-    head = "| dataset | model | " + " | ".join(ADA_KEYS) + " | history masked | command | file |"
+    head = ("| dataset | model | " + " | ".join(ADA_KEYS) +
+            " | HR@50 gain over base | NDCG@50 gain over base | history masked | command | file |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results:
         if "base/test/HR@50" not in r.get("metrics", {}):
             continue
         masked = (r.get("config") or {}).get("model", {}).get("init_args", {}).get("mask_history", "")
-        cells = [_fmt(r["metrics"].get(k)) for k in ADA_KEYS]
+        m = r["metrics"]
+        cells = [_fmt(m.get(k)) for k in ADA_KEYS]
+        cells += [_rel(m.get("test/HR@50"), m.get("base/test/HR@50")), _rel(m.get("test/NDCG@50"), m.get("base/test/NDCG@50"))]
         lines.append(f"| {r['dataset']} | {r['model']} | " + " | ".join(cells) + f" | {masked} | `{r['command']}` | {name} |")
     for dataset, (h50, n50, bh50, bn50) in ADA_PAPER.items():
         lines.append(f"| {dataset} | Ada-Retrieval, SASRec (paper) |  |  | {h50:.4f} | {n50:.4f} | {bh50:.4f} | "
-                     f"{bn50:.4f} |  | published figure | ../shared/REFERENCE.md |")
+                     f"{bn50:.4f} | {_rel(h50, bh50)} | {_rel(n50, bn50)} |  | published figure | ../shared/REFERENCE.md |")
     return "\n".join(lines)
 
 
