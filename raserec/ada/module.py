@@ -199,9 +199,7 @@ class AdaRetrievalModule(RecommenderModule):
             raise RaserecError("memory_k > 0 needs a memory bank: run the module through a Trainer")
         with torch.no_grad():
             h = self.memory_encoder(batch["input_ids"])
-        rows, mask = self.memory_bank.search(h, batch["user"], batch["end"], self.memory_k)
-        h_k, targets = self.memory_bank.gather(rows, mask)
-        h_k, targets, mask = h_k.to(self.device), targets.to(self.device), mask.to(self.device)
+        h_k, targets, mask = self.memory_bank.retrieve(h, batch["user"], batch["end"], self.memory_k, self.device)
         v_k = self.encoder.item_embedding(targets)
         return lambda u: self.ram(u, h_k, v_k, mask)
 

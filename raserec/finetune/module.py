@@ -169,10 +169,7 @@ class RAFTModule(RecommenderModule):
         if not self.uses_retrieval:
             return h
         start = time.perf_counter()
-        bank = self._bank()
-        rows, mask = bank.search(h, user, end, self.k)
-        h_k, targets = bank.gather(rows, mask)
-        h_k, targets, mask = h_k.to(self.device), targets.to(self.device), mask.to(self.device)
+        h_k, targets, mask = self._bank().retrieve(h, user, end, self.k, self.device)
         self.retrieval_seconds = time.perf_counter() - start
         v_k = self.encoder.item_embedding(targets)
         return self.ram(h, h_k, v_k, mask)

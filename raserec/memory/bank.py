@@ -362,6 +362,14 @@ class MemoryBank:
         targets = np.where(mask_np, self.targets[safe].reshape(b, k), 0)
         return torch.from_numpy(h), torch.from_numpy(targets)
 
+    def retrieve(self, query_h: Tensor, query_user: Tensor, query_end: Tensor, k: int,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`search` then :meth:`gather`: ``h_k`` ``[B, k, d]``, target ids ``[B, k]`` and
+        the mask ``[B, k]`` of the ``k`` allowed memories of each query, on ``device``."""
+        rows, mask = self.search(query_h, query_user, query_end, k)
+        h_k, targets = self.gather(rows, mask)
+        return h_k.to(device), targets.to(device), mask.to(device)
+
     # ---------------------------------------------------------------- persistence
     def manifest(self) -> dict[str, Any]:
         return {
