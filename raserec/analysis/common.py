@@ -1,6 +1,6 @@
-"""What every ``raserec analyze`` command shares: loading a trained RAFT checkpoint with its data,
-ranking queries with and without retrieval augmentation, equal-size grouping, and writing the
-CSV + PNG + provenance JSON of a figure."""
+"""What every ``raserec analyze`` command shares: equal-size grouping, per-group comparisons and
+writing the CSV + PNG + provenance JSON of a figure. Loading a RAFT checkpoint and ranking
+queries with and without augmentation live in :mod:`raserec.evaluation.per_query`."""
 
 from __future__ import annotations
 
@@ -12,87 +12,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
-from raserec.data.batch import PairDataset
 from raserec.data.datamodule import SequenceDataModule
-from raserec.errors import CheckpointError, RaserecError
-from raserec.evaluation.per_query import (
-    build_bank,
-    encoder_scores,
-    metrics_from_ranks,
-    module_scores,
-    query_ranks,
-)
-from raserec.memory.bank import MemoryBank
+from raserec.errors import RaserecError
+from raserec.evaluation.per_query import Evaluator, load_raft, metrics_from_ranks
 from raserec.results import command_line, hardware, write_results
 
 #: Columns reported for every model variant.
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
-
-
-def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache_dir: str | None = ".cache/datasets",
-              **overrides: Any):
-    """A trained :class:`RAFTModule` (in eval mode, on CPU) and the datamodule of its data.
-
-    The RAFT checkpoint embeds its frozen encoder, so the pre-training checkpoint is not needed;
-    ``data_path`` defaults to the data the checkpoint was trained on; ``overrides`` replace
-    hyper-parameters (e.g. ``k=30``)."""
-    from raserec.finetune.module import RAFTModule
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if blob.get("hyper_parameters", {}).get("_class_path", "").rsplit(".", 1)[-1] not in ("RAFTModule", ""):
-        raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (class {blob['hyper_parameters']['_class_path']})")
-    if not any(k.startswith("ram.") for k in blob["state_dict"]):
-        raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (no RAM weights); pass the stage-2 checkpoint")
-    dm_hp = dict(blob.get("datamodule_hyper_parameters") or {})
-    dm_hp.pop("_instantiator", None)
-    if data_path is not None:
-        dm_hp["data_path"] = str(data_path)
-    if "data_path" not in dm_hp:
-        raise RaserecError(f"{checkpoint} does not record its data; pass --data")
-    dm_hp["cache_dir"] = cache_dir
-    dm = SequenceDataModule(**dm_hp)
-    dm.setup("test")
-    module = RAFTModule.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
-                                             map_location="cpu", weights_only=False, **overrides)
-    module.eval()
-    return module, dm
-
-
-@dataclass
-class Evaluator:
-    """Ranks queries with the RAFT module (``augmented``) or its frozen encoder alone."""
-
-    module: Any
-    dm: SequenceDataModule
-    progress: bool = True
-    _test_bank: MemoryBank | None = field(default=None, repr=False)
-    _cache: dict[bool, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def test_bank(self) -> MemoryBank:
-        """The test-time memory bank (training + validation pairs), built once."""
-        if self._test_bank is None:
-            self._test_bank = build_bank(self.module, self.dm, "test", progress=self.progress)
-        return self._test_bank
-
-    def ranks(self, dataset: PairDataset | None = None, augmented: bool = True,
-              bank: MemoryBank | None = None) -> np.ndarray:
-        """Target ranks of ``dataset`` (default: the test queries; those ranks are cached)."""
-        if dataset is None and bank is None:
-            if augmented not in self._cache:
-                self._cache[augmented] = self.ranks(self.dm.dataset("test"), augmented, self.test_bank())
-            return self._cache[augmented]
-        dataset = self.dm.dataset("test") if dataset is None else dataset
-        kw = {"batch_size": self.dm.eval_batch_size, "mask_history": self.module.mask_history,
-              "progress": self.progress}
-        if not augmented:
-            return query_ranks(encoder_scores(self.module.encoder), dataset, desc="ranking: encoder", **kw)
-        self.module.memory_bank = self.test_bank() if bank is None else bank
-        return query_ranks(module_scores(self.module), dataset, desc="ranking: RaSeRec", **kw)
 
 
 def equal_groups(values: np.ndarray, n_groups: int) -> np.ndarray:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from raserec.analysis.common import METRICS, Evaluator, bar_line, metrics_from_ranks
+from raserec.analysis.common import METRICS, bar_line
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData
 from raserec.errors import RaserecError
-from raserec.evaluation.per_query import build_bank
+from raserec.evaluation.per_query import Evaluator, build_bank, load_raft, metrics_from_ranks
 
 
 def hold_out_recent(data: SequenceData, m: int) -> tuple[SequenceData, np.ndarray]:
@@ -64,8 +64,6 @@ def _configs(config: Path, overlays: Sequence[Path]) -> list[str]:
 
 def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path], holdout: int, work_dir: Path,
           retrained_checkpoint: str | None = None, progress: bool = True) -> tuple[pl.DataFrame, object, dict]:
-    from raserec.analysis.common import load_raft
-
     pre_args, fine_args = _configs(pretrain_config, overlays), _configs(finetune_config, overlays)
     probe = _datamodule(pre_args)  # the pre-training config: parsing it loads no checkpoint
     full = probe.data

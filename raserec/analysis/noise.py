@@ -49,9 +49,9 @@ def noisy_test_queries(dm, ratio: float, seed: int) -> PairDataset:
 def noise(ev: Evaluator, ratios: Sequence[float] = (0.1, 0.2, 0.3), seed: int = 2024) -> tuple[pl.DataFrame, object]:
     rows = []
     for ratio in (0.0, *ratios):
-        dataset = ev.dm.dataset("test") if ratio == 0.0 else noisy_test_queries(ev.dm, ratio, seed)
+        dataset = None if ratio == 0.0 else noisy_test_queries(ev.dm, ratio, seed)  # None: the clean queries
         for model, augmented in (("encoder", False), ("raserec", True)):
-            ranks = ev.ranks(None if ratio == 0.0 else dataset, augmented=augmented)
+            ranks = ev.ranks(dataset, augmented=augmented)
             m = metrics_from_ranks(ranks, (5, 10))
             rows.append({"ratio": ratio, "model": model, **{k: m[k] for k in METRICS}})
     table = pl.DataFrame(rows)

@@ -14,7 +14,6 @@ import polars as pl
 
 from raserec.analysis.common import METRICS, Evaluator, figure, metrics_from_ranks
 from raserec.errors import RaserecError
-from raserec.evaluation.per_query import build_bank
 
 Param = Literal["alpha", "beta", "k"]
 
@@ -58,17 +57,13 @@ def _retrain_value(ev: Evaluator, checkpoint: str, param: Param, value: float, e
     hp.update({"encoder_checkpoint": str(checkpoint), param: _value(param, value)})
     L.seed_everything(seed, verbose=False)
     module = RAFTModule(**hp)
-    fit_bank = getattr(ev, "_fit_bank", None)
-    if fit_bank is None:
-        fit_bank = ev._fit_bank = build_bank(module, ev.dm, "fit", progress=ev.progress)  # type: ignore[attr-defined]
-    module.memory_bank = fit_bank  # same frozen encoder and reference set: the callback reuses it
+    module.memory_bank = ev.fit_bank()  # same frozen encoder and reference set: the callback reuses it
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         num_sanity_val_steps=0, limit_train_batches=limit_train_batches,
                         enable_progress_bar=ev.progress, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=ev.dm)
     module.eval()
-    trained = Evaluator(module, ev.dm, progress=ev.progress)
-    trained._test_bank = ev.test_bank()
+    trained = Evaluator(module, ev.dm, progress=ev.progress, test_memory=ev.test_bank())
     return metrics_from_ranks(trained.ranks(augmented=True), (5, 10))
 
 

@@ -138,35 +138,14 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
 
 def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
     """Per-query test ranks of the pre-trained encoder and of the fine-tuned model, for the
-    paired significance test and per-group analyses (RAFT fine-tuning only)."""
-    from raserec.checkpoint import load_encoder
-    from raserec.data.datamodule import SequenceDataModule
-    from raserec.evaluation.per_query import (
-        build_bank,
-        encoder_scores,
-        metrics_from_ranks,
-        module_scores,
-        query_ranks,
-    )
-    from raserec.finetune.module import RAFTModule
+    paired significance test and per-group analyses (RAFT fine-tuning only). The RAFT checkpoint
+    embeds the frozen stage-1 encoder and records its data, so it alone gives both rankings."""
+    from raserec.evaluation.per_query import Evaluator, load_raft, metrics_from_ranks
 
     config = json.loads(spec.stage_results(seed, "finetune").read_text())["config"]
-    if config["model"]["class_path"] != "raserec.finetune.module.RAFTModule":
-        return  # Ada-Retrieval evaluates a different list; its files carry base/test/* instead
-    data = config["data"]
-    dm = SequenceDataModule(data["data_path"], max_len=data["max_len"], eval_batch_size=data["eval_batch_size"],
-                            cache_dir=data.get("cache_dir"), data_format=data.get("data_format", "auto"),
-                            k_core=data.get("k_core"), min_length=data.get("min_length", 3))
-    dm.setup("test")
-    dataset = dm.dataset("test")
-    kw = {"batch_size": dm.eval_batch_size, "mask_history": bool(config["model"]["init_args"].get("mask_history"))}
-    encoder, _ = load_encoder(spec.checkpoint(seed, "pretrain"))
-    base = query_ranks(encoder_scores(encoder), dataset, progress=True, desc="ranks: encoder", **kw)
-    ckpt = spec.checkpoint(seed, "finetune")
-    module = RAFTModule.load_from_checkpoint(ckpt, encoder_checkpoint=str(ckpt), num_items=dm.num_items,
-                                             map_location="cpu", weights_only=False)
-    build_bank(module, dm, "test")
-    tuned = query_ranks(module_scores(module), dataset, progress=True, desc="ranks: fine-tuned", **kw)
+    module, dm = load_raft(spec.checkpoint(seed, "finetune"), cache_dir=config["data"].get("cache_dir"))
+    ev = Evaluator(module, dm)
+    base, tuned = ev.ranks(augmented=False), ev.ranks(augmented=True)
     for stage, ranks in (("pretrain", base), ("finetune", tuned)):
         logged = json.loads(spec.stage_results(seed, stage).read_text())["metrics"].get("test/NDCG@10")
         recomputed = metrics_from_ranks(ranks, (10,))["NDCG@10"]
