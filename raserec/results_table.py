@@ -16,6 +16,20 @@ from raserec.paper import RASEREC as PAPER
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 QUALITY_KEYS = ["test/HR@5", "test/NDCG@5", "test/HR@10", "test/NDCG@10", "test/HR@20", "test/NDCG@20"]
 
+def mean_std(metrics: dict, key: str, with_std: bool = False) -> str:
+    """``test/<key>`` of ``metrics`` as ``0.1234`` (or ``0.1234 ± 0.0012``); empty if absent."""
+    value = metrics.get(f"test/{key}")
+    if value is None:
+        return ""
+    std = metrics.get(f"test/{key}_std")
+    return f"{value:.4f} ± {std:.4f}" if with_std and std is not None else f"{value:.4f}"
+
+
+def relative_gain(new: float | None, old: float | None) -> str:
+    """``+1.2%``: the change from ``old`` to ``new``; empty if either is missing or ``old`` is 0."""
+    return "" if new is None or not old else f"{100 * (new - old) / old:+.1f}%"
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -45,8 +59,6 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
 
 
 ADA_KEYS = ["test/HR@20", "test/NDCG@20", "test/HR@50", "test/NDCG@50", "base/test/HR@50", "base/test/NDCG@50"]
-def _rel(new: float | None, old: float | None) -> str:
-    return "" if new is None or not old else f"{100 * (new - old) / old:+.1f}%"
 
 
 def ada_table(results: list[tuple[str, dict]]) -> str:
@@ -59,11 +71,11 @@ def ada_table(results: list[tuple[str, dict]]) -> str:
         masked = (r.get("config") or {}).get("model", {}).get("init_args", {}).get("mask_history", "")
         m = r["metrics"]
         cells = [_fmt(m.get(k)) for k in ADA_KEYS]
-        cells += [_rel(m.get("test/HR@50"), m.get("base/test/HR@50")), _rel(m.get("test/NDCG@50"), m.get("base/test/NDCG@50"))]
+        cells += [relative_gain(m.get("test/HR@50"), m.get("base/test/HR@50")), relative_gain(m.get("test/NDCG@50"), m.get("base/test/NDCG@50"))]
         lines.append(f"| {r['dataset']} | {r['model']} | " + " | ".join(cells) + f" | {masked} | `{r['command']}` | {name} |")
     for dataset, (h50, n50, bh50, bn50) in ADA_PAPER.items():
         lines.append(f"| {dataset} | Ada-Retrieval, SASRec (paper) |  |  | {h50:.4f} | {n50:.4f} | {bh50:.4f} | "
-                     f"{bn50:.4f} | {_rel(h50, bh50)} | {_rel(n50, bn50)} |  | published figure | ../shared/REFERENCE.md |")
+                     f"{bn50:.4f} | {relative_gain(h50, bh50)} | {relative_gain(n50, bn50)} |  | published figure | ../shared/REFERENCE.md |")
     return "\n".join(lines)
 
 
@@ -81,20 +93,8 @@ def bench_table(results: list[tuple[str, dict]]) -> str:
 EXPERIMENT_KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10"]
 
 
-def _pm(metrics: dict, key: str, with_std: bool = False) -> str:
-    value = metrics.get(f"test/{key}")
-    if value is None:
-        return ""
-    std = metrics.get(f"test/{key}_std")
-    return f"{value:.4f} ± {std:.4f}" if with_std and std is not None else f"{value:.4f}"
-
-
 def _gains(new: dict, old: dict) -> str:
-    cells = []
-    for k in EXPERIMENT_KEYS:
-        a, b = new.get(f"test/{k}"), old.get(f"test/{k}")
-        cells.append(f"{100 * (a - b) / b:+.1f}%" if a is not None and b else "")
-    return " | ".join(cells)
+    return " | ".join(relative_gain(new.get(f"test/{k}"), old.get(f"test/{k}")) for k in EXPERIMENT_KEYS)
 
 
 def experiments_table(results_dir: Path) -> str:
@@ -111,11 +111,11 @@ def experiments_table(results_dir: Path) -> str:
         rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec", s["finetune"])]
         for label, m in rows:
             lines.append(f"| {s['dataset']} | {s['backbone']} | {label} | " +
-                         " | ".join(_pm(m, k, len(s["seeds"]) > 1) for k in EXPERIMENT_KEYS) + common)
+                         " | ".join(mean_std(m, k, len(s["seeds"]) > 1) for k in EXPERIMENT_KEYS) + common)
         lines.append(f"| {s['dataset']} | {s['backbone']} | ours: gain over encoder | " +
                      _gains(s["finetune"], s["encoder"]) + " | | | | | | |")
         for name, m in s["paper"].items():
-            lines.append(f"| {s['dataset']} | {s['backbone']} | {name} | " + " | ".join(_pm(m, k) for k in EXPERIMENT_KEYS)
+            lines.append(f"| {s['dataset']} | {s['backbone']} | {name} | " + " | ".join(mean_std(m, k) for k in EXPERIMENT_KEYS)
                          + " | 5 runs | | | | | published figure |")
         if len(s["paper"]) == 2:
             enc, tuned = s["paper"].values()

@@ -17,6 +17,7 @@ from scipy import stats
 from raserec.evaluation.per_query import per_query_metrics
 from raserec.paper import PAIRS, RASEREC
 from raserec.results import write_results
+from raserec.results_table import mean_std, relative_gain
 
 KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
 #: Metrics of the paired tests (per query within a seed; over seed means across seeds).
@@ -144,16 +145,8 @@ def summarize(spec) -> dict[str, Any]:
     return summary
 
 
-def _pm(m: dict[str, float], k: str, with_std: bool = False) -> str:
-    if f"test/{k}" not in m:
-        return ""
-    std = m.get(f"test/{k}_std")
-    return f"{m[f'test/{k}']:.4f} ± {std:.4f}" if with_std and std is not None else f"{m[f'test/{k}']:.4f}"
-
-
 def _gain(new: dict[str, float], old: dict[str, float], k: str) -> str:
-    a, b = new.get(f"test/{k}"), old.get(f"test/{k}")
-    return "" if a is None or not b else f"{100.0 * (a - b) / b:+.1f}%"
+    return relative_gain(new.get(f"test/{k}"), old.get(f"test/{k}"))
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -165,12 +158,12 @@ def markdown(s: dict[str, Any]) -> str:
         lines += [f"Notes: {s['notes']}", ""]
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     multi = len(s["seeds"]) > 1
-    lines.append("| ours: pre-trained encoder | " + " | ".join(_pm(s["encoder"], k, multi) for k in keys) + " |")
-    lines.append("| ours: RaSeRec | " + " | ".join(_pm(s["finetune"], k, multi) for k in keys) + " |")
+    lines.append("| ours: pre-trained encoder | " + " | ".join(mean_std(s["encoder"], k, multi) for k in keys) + " |")
+    lines.append("| ours: RaSeRec | " + " | ".join(mean_std(s["finetune"], k, multi) for k in keys) + " |")
     lines.append("| ours: gain over encoder | " + " | ".join(_gain(s["finetune"], s["encoder"], k) for k in keys) + " |")
     names = list(s["paper"])
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(_pm(s["paper"][name], k) for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(mean_std(s["paper"][name], k) for k in keys) + " |")
     if len(names) == 2:
         paper_enc, paper_tuned = s["paper"][names[0]], s["paper"][names[1]]
         lines.append("| paper: gain | " + " | ".join(_gain(paper_tuned, paper_enc, k) for k in keys) + " |")
