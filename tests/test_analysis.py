@@ -124,7 +124,7 @@ def _analyze(name: str, checkpoint: Path, data: Path, out: Path, *extra: str) ->
     assert main(["analyze", name, "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
                  "--no-progress", "--cache-dir", "none", *extra]) == 0
     record = json.loads((out / f"{name}.json").read_text())
-    assert record["command"].startswith("raserec") or record["command"]
+    assert record["command"].startswith(f"raserec analyze {name} --checkpoint {checkpoint} ")
     assert record["hardware"] and record["checkpoint"] == str(checkpoint)
     assert (out / f"{name}.png").stat().st_size > 5000
     return pl.read_csv(out / f"{name}.csv")
@@ -176,4 +176,5 @@ def test_cli_drift_trains_without_recent_items_and_refreshes_the_bank(beauty_sli
     assert table.height == 5 and table["variant"][1] == "RaSeRec, stale memory bank"
     assert table["gain_NDCG@10_pct"][1] == 0.0
     record = json.loads((out / "drift.json").read_text())
+    assert record["command"].startswith("raserec analyze drift --pretrain-config configs/beauty_pretrain.yaml ")
     assert record["holdout"] == 1 and record["held_out_interactions"] == record["users_with_holdout"] > 1000

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> int:
     from raserec.analysis.common import Evaluator, Output, load_raft, provenance
 
     args = build_parser().parse_args(argv)
+    command = shlex.join(["raserec", "analyze", *argv])  # argv, not sys.argv: main() may be called in-process
     L.seed_everything(args.seed, verbose=False)
     progress = not args.no_progress
     cache_dir = None if args.cache_dir.lower() == "none" else args.cache_dir
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> int:
             if not path.is_file():
                 raise RaserecError(f"{path}: no such config file")
         stem = args.pretrain_config.stem.split("_")[0]
-        out = Output(args.out or Path("results/analysis") / stem, "drift")
+        out = Output(args.out or Path("results/analysis") / stem, "drift", command)
         table, fig, extra = drift(args.pretrain_config, args.finetune_config, args.overlay, args.holdout,
                                   args.work_dir or Path("runs") / f"drift_{stem}", args.retrained, progress)
         paths = out.write(table, fig, {"seeds": [args.seed], **extra})
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> int:
 
     module, dm = load_raft(args.checkpoint, args.data, cache_dir=cache_dir)
     dataset = dm.data_path.stem.lower()
-    out = Output(args.out or Path("results/analysis") / dataset, args.name)
+    out = Output(args.out or Path("results/analysis") / dataset, args.name, command)
     ev = Evaluator(module, dm, progress=progress)
     extra: dict = {"seeds": [args.seed]}
     if args.name == "long_tail":

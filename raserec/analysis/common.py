@@ -16,7 +16,7 @@ import polars as pl
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import RaserecError
 from raserec.evaluation.per_query import Evaluator, load_raft, metrics_from_ranks
-from raserec.results import command_line, hardware, write_results
+from raserec.results import hardware, write_results
 
 #: Columns reported for every model variant.
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
@@ -60,10 +60,12 @@ def _pct(new: float, old: float) -> float | None:
 
 @dataclass
 class Output:
-    """Where an analysis writes ``<name>.csv``, ``<name>.png`` and ``<name>.json``."""
+    """Where an analysis writes ``<name>.csv``, ``<name>.png`` and ``<name>.json`` (with
+    ``command``, the command line that produced it)."""
 
     directory: Path
     name: str
+    command: str
     started: float = field(default_factory=time.perf_counter)
 
     def write(self, table: pl.DataFrame, figure, provenance: dict[str, Any]) -> dict[str, Path]:
@@ -74,7 +76,7 @@ class Output:
         import matplotlib.pyplot as plt
 
         plt.close(figure)
-        record = {"command": command_line(), "hardware": hardware(), "analysis": self.name,
+        record = {"command": self.command, "hardware": hardware(), "analysis": self.name,
                   "wall_time_s": round(time.perf_counter() - self.started, 2), **provenance,
                   "table": json.loads(table.write_json())}
         write_results(paths["json"], record)
