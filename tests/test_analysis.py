@@ -156,6 +156,37 @@ def test_cli_partitions_and_noise(trained, beauty_slice, tmp_path):
     assert table["model"].to_list() == ["encoder", "raserec"] * 2
 
 
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    from raserec.analysis.memory_use import derangement
+
+    for n in (2, 3, 17, 1000):
+        perm = derangement(n, np.random.default_rng(n))
+        assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))
+    a, b = derangement(50, np.random.default_rng(1)), derangement(50, np.random.default_rng(1))
+    assert np.array_equal(a, b) and not np.array_equal(a, derangement(50, np.random.default_rng(2)))
+
+
+def test_cli_memory_use(trained, beauty_slice, tmp_path):
+    checkpoint, ev = trained
+    table = _analyze("memory_use", checkpoint, beauty_slice, tmp_path)
+    assert table["variant"].to_list() == ["retrieved", "none", "shuffled", "half_bank"]
+    rows = {r["variant"]: r for r in table.iter_rows(named=True)}
+    # (a) through the fixed-memory path is exactly the module's own test ranking, (b) the encoder's
+    tuned = metrics_from_ranks(ev.ranks(augmented=True), (5, 10))
+    base = metrics_from_ranks(ev.ranks(augmented=False), (5, 10))
+    for key in ("HR@5", "NDCG@5", "HR@10", "NDCG@10"):
+        assert rows["retrieved"][key] == pytest.approx(tuned[key], abs=1e-12)
+        assert rows["none"][key] == pytest.approx(base[key], abs=1e-12)
+    assert rows["retrieved"]["change_NDCG@10_pct"] == 0.0
+    assert rows["none"]["memories_per_query"] == 0.0 and rows["retrieved"]["memories_per_query"] > 15
+    full = len(ev.test_bank())
+    assert rows["retrieved"]["bank_entries"] == full and 0.45 * full < rows["half_bank"]["bank_entries"] < 0.55 * full
+    record = json.loads((tmp_path / "memory_use.json").read_text())
+    tests = record["paired_tests"]["retrieved_vs_shuffled"]["NDCG@10"]
+    assert tests["mean_diff"] == pytest.approx(rows["retrieved"]["NDCG@10"] - rows["shuffled"]["NDCG@10"])
+    assert isinstance(record["uses_retrieved_memories"], bool) and record["verdict"]
+
+
 def test_cli_rejects_a_pretraining_checkpoint(short_experiment, beauty_slice, tmp_path, capsys):
     _, runs, name = short_experiment
     pre = runs / name / "seed_1" / "pretrain" / "checkpoints" / "best.ckpt"

@@ -47,8 +47,9 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
+    overlay_base = "beauty_raft.yaml" if config.startswith("ram_") else "beauty_pretrain.yaml"  # RAFT-only overlays
     base = [] if config.endswith(("pretrain.yaml", "sasrec.yaml", "raft.yaml")) else [
-        "--config", str(CONFIGS / "beauty_pretrain.yaml")]
+        "--config", str(CONFIGS / overlay_base)]
     with pytest.raises(SystemExit) as exc:
         main(["fit", *base, "--config", str(CONFIGS / config), "--print_config"])
     assert exc.value.code == 0

@@ -93,6 +93,47 @@ def test_ram_formula_alpha_zero_beta_mix() -> None:
     torch.testing.assert_close(ram(h, h_k, v_k, mask), 0.3 * h + 0.7 * (0.6 * c1 + 0.4 * c2))
 
 
+def _zero_last_output(ram: RetrievalAugmentedModule) -> None:
+    with torch.no_grad():
+        last = ram.channel1.attention[-1].out
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+def test_ram_default_is_the_authors_block() -> None:
+    """The authors' cross-attention has no residual and no LayerNorm: zeroing the last output
+    projection leaves nothing of h in the channel, so h~ = alpha h exactly. The residual ablation
+    (this project's earlier block) passes LN(query) through instead. Fails if the default
+    regresses to the residual form."""
+    torch.manual_seed(2)
+    h, h_k, v_k = torch.randn(6, 64), torch.randn(6, 5, 64), torch.randn(6, 5, 64)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    authors = RetrievalAugmentedModule(64, alpha=0.5, beta=1.0).eval()
+    assert all(a.norm is None for a in authors.channel1.attention)
+    assert all(isinstance(f.norm, torch.nn.LayerNorm) for f in authors.channel1.ffn)  # FFN keeps residual + LN
+    _zero_last_output(authors)
+    torch.testing.assert_close(authors(h, h_k, v_k, mask), 0.5 * h, rtol=0, atol=0)
+    ablation = RetrievalAugmentedModule(64, alpha=0.5, beta=1.0, residual=True, init_std=0.02).eval()
+    assert all(isinstance(a.norm, torch.nn.LayerNorm) for a in ablation.channel1.attention)
+    _zero_last_output(ablation)
+    assert (ablation(h, h_k, v_k, mask) - 0.5 * h).abs().max() > 0.1
+    # alpha = 1 / K = 0 still give h bit for bit with the authors' block
+    assert torch.equal(RetrievalAugmentedModule(64, alpha=1.0)(h, h_k, v_k, mask), h)
+    assert torch.equal(RetrievalAugmentedModule(64)(h, h_k[:, :0], v_k[:, :0], mask[:, :0]), h)
+
+
+def test_ram_keeps_pytorch_default_init_unless_init_std() -> None:
+    """PyTorch's Linear init is U(+-1/sqrt(fan_in)) with non-zero biases (std 1/sqrt(3 * 64) = .072
+    for d = 64); RecBole's normal(0, .02) with zero biases only when asked for."""
+    torch.manual_seed(3)
+    default = RetrievalAugmentedModule(64).channel1.attention[0]
+    w = default.query.weight.detach()
+    assert 0.06 < float(w.std()) < 0.085 and float(w.abs().max()) <= 1 / 8 + 1e-6
+    assert float(default.query.bias.abs().sum()) > 0
+    normal = RetrievalAugmentedModule(64, init_std=0.02).channel1.attention[0]
+    assert 0.017 < float(normal.query.weight.std()) < 0.023 and float(normal.query.bias.abs().sum()) == 0.0
+
+
 # ----------------------------------------------------------------------------- module
 def _module(ckpt: Path, **kwargs) -> RAFTModule:
     return RAFTModule(encoder_checkpoint=str(ckpt), **{"nlist": 16, **kwargs})
@@ -311,3 +352,61 @@ def test_raft_configs_hold_the_paper_settings() -> None:
         assert cfg["results"]["path"] == f"results/{name}_raft.json"
         assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{name}_raft"
         assert np.isclose(args["alpha"], 0.5)
+
+
+# ----------------------------------------------------------------------------- precomputed retrieval
+def test_precomputed_retrieval_equals_per_batch_search_on_real_data(beauty_slice: Path) -> None:
+    """The memories of every training query, searched once per bank build, are the rows a
+    per-batch search returns; and fitting with or without the precomputation gives the same RAM
+    and the same test metrics for a fixed seed (real Beauty slice, random-init encoder)."""
+    dm = SequenceDataModule(beauty_slice, cache_dir=None, batch_size=256, eval_batch_size=512)
+    dm.setup("fit")
+    ckpt = beauty_slice.parent / "slice_encoder.pt"
+    save_encoder(tiny_encoder(dm.data.num_items), ckpt, {"num_items": dm.data.num_items,
+                                                         "content_hash": dm.data.content_hash()})
+    module = _module(ckpt)
+    _attach_bank(module, dm)
+    bank = module.memory_bank
+    assert len(bank) > 5000
+    rows, mask = bank.self_neighbours(20)
+    pairs = dm.pairs("train")
+    for start in range(0, len(pairs.user), 1024):
+        sl = slice(start, start + 1024)
+        r, m = bank.search(bank.h[sl], pairs.user[sl], pairs.end[sl], 20)
+        assert np.array_equal(r.numpy(), rows[sl]) and np.array_equal(m.numpy(), mask[sl])
+    assert mask.sum() > 0.9 * mask.size
+    bank.set_nprobe(4)  # another answer: the cache must not be reused
+    assert not bank._self_neighbours
+
+    outcomes = []
+    for precompute in (True, False):
+        L.seed_everything(7)
+        module = _module(ckpt, precompute_retrieval=precompute)
+        trainer = _trainer(max_epochs=2, limit_train_batches=None, limit_val_batches=None, limit_test_batches=None)
+        trainer.fit(module, datamodule=dm)
+        metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
+        outcomes.append((module.ram.state_dict(), metrics))
+    (ram_a, metrics_a), (ram_b, metrics_b) = outcomes
+    for name, tensor in ram_a.items():
+        assert torch.equal(tensor, ram_b[name]), name
+    for key, value in metrics_a.items():
+        assert value == metrics_b[key], key
+
+
+def test_checkpoints_of_the_residual_block_still_load(data_and_ckpt) -> None:
+    """A RAFT checkpoint written before ``ram_residual`` existed holds the residual block: it is
+    rebuilt as such on load; a checkpoint that records a different block is refused."""
+    _, ckpt = data_and_ckpt
+    old = _module(ckpt, ram_residual=True, ram_init_std=0.02)
+    hparams = {k: v for k, v in old.hparams.items() if k not in ("ram_residual", "ram_init_std")}
+    checkpoint = {"state_dict": old.state_dict(), "hyper_parameters": hparams}
+    new = _module(ckpt)
+    assert not new.ram.residual
+    new.on_load_checkpoint(checkpoint)
+    new.load_state_dict(checkpoint["state_dict"])
+    assert new.ram.residual and new.hparams.ram_residual
+    for name, tensor in old.ram.state_dict().items():
+        assert torch.equal(tensor, new.ram.state_dict()[name])
+    checkpoint["hyper_parameters"] = dict(old.hparams)
+    with pytest.raises(CheckpointError, match="does not match ram_residual=False"):
+        _module(ckpt).on_load_checkpoint(checkpoint)

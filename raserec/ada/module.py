@@ -19,7 +19,7 @@ from raserec.errors import CheckpointError, RaserecError
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.ranking import target_ranks
-from raserec.finetune.ram import RetrievalAugmentedModule
+from raserec.finetune.ram import RetrievalAugmentedModule, holds_residual_block
 from raserec.memory.bank import IndexConfig, MemoryBank
 from raserec.memory.callback import MemoryBankCallback
 from raserec.models.encoders.base import SequenceEncoder
@@ -179,6 +179,9 @@ class AdaRetrievalModule(RecommenderModule):
         state = {k.removeprefix("ram."): v for k, v in blob.get("state_dict", {}).items() if k.startswith("ram.")}
         if not state:
             raise CheckpointError(f"{path}: no RAM weights (ram.*); pass a RAFT checkpoint")
+        if holds_residual_block(state) != self.ram.residual:  # take the RAFT run's block as it is
+            self.ram = RetrievalAugmentedModule(self.ram.hidden_size, alpha=self.ram.alpha, beta=self.ram.beta,
+                                                residual=holds_residual_block(state))
         try:
             self.ram.load_state_dict(state)
         except RuntimeError as exc:

@@ -11,7 +11,7 @@ import lightning as L
 
 from raserec.errors import RaserecError
 
-NAMES = ("long_tail", "user_activity", "partitions", "noise", "sensitivity", "drift")
+NAMES = ("long_tail", "user_activity", "partitions", "noise", "sensitivity", "drift", "memory_use")
 
 _DESCRIPTIONS = {
     "long_tail": "RQ3: test queries in equal-size groups by target popularity; NDCG@5 of RaSeRec vs its encoder",
@@ -19,6 +19,8 @@ _DESCRIPTIONS = {
     "partitions": "RQ5: memory bank split S/M/L by prefix length; HR@5/NDCG@5 with every combination (no retraining)",
     "noise": "RQ7: random items inserted into each test sequence; with vs without augmentation",
     "sensitivity": "RQ4: HR/NDCG as alpha, beta and K vary (retrain a RAM per value, or vary at test time)",
+    "memory_use": "does the RAM use its memories? test metrics with (a) its retrieved memories, (b) none, "
+                  "(c) another random query's memories, (d) memories from a random half of the bank",
     "drift": "beyond the paper: hold out recent interactions, train without them, then add them to the memory bank "
              "only (no retraining) vs retraining",
 }
@@ -119,6 +121,11 @@ def main(argv: list[str]) -> int:
         from raserec.analysis.noise import noise
 
         table, fig = noise(ev, args.ratios, args.seed)
+    elif args.name == "memory_use":
+        from raserec.analysis.memory_use import memory_use
+
+        table, fig, used = memory_use(ev, args.seed)
+        extra.update(used)
     else:
         from raserec.analysis.sensitivity import sensitivity
 

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
 from raserec.data.batch import SequenceBatch
-from raserec.errors import RaserecError
+from raserec.errors import CheckpointError, RaserecError
 from raserec.evaluation.module import RecommenderModule
-from raserec.finetune.ram import RetrievalAugmentedModule
+from raserec.finetune.ram import RetrievalAugmentedModule, holds_residual_block
 from raserec.memory.bank import IndexConfig, MemoryBank
 from raserec.memory.callback import MemoryBankCallback
 from raserec.models.losses import next_item_loss
@@ -56,6 +56,13 @@ class RAFTModule(RecommenderModule):
         bank_save_dir: save built banks here and reuse matching ones (``null``: keep in memory).
         reuse_bank_h: during training take a query's h from the bank's payload (the encoder is
             frozen and in eval mode, so it is the same vector) instead of re-encoding it.
+        precompute_retrieval: with ``reuse_bank_h``, search the memories of every training query
+            once per bank build (:meth:`MemoryBank.self_neighbours`) instead of once per batch;
+            the same rows, so the same training, several times faster.
+        ram_residual: wrap every RAM cross-attention in a residual connection + LayerNorm (this
+            project's earlier block, an ablation; the authors' block has neither).
+        ram_init_std: ``null`` keeps PyTorch's default initialisation of the RAM (the authors');
+            a float applies RecBole's normal(0, std) (the earlier block used 0.02).
         lr: Adam learning rate (RAM parameters only).
         weight_decay: Adam weight decay.
         metric_ks: cut-offs of HR@K and NDCG@K.
@@ -83,6 +90,9 @@ class RAFTModule(RecommenderModule):
         bank_batch_size: int = 2048,
         bank_save_dir: str | None = None,
         reuse_bank_h: bool = True,
+        precompute_retrieval: bool = True,
+        ram_residual: bool = False,
+        ram_init_std: float | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         metric_ks: Sequence[int] = (5, 10, 20, 50),
@@ -101,11 +111,13 @@ class RAFTModule(RecommenderModule):
         self.encoder = encoder
         self.encoder_data = data_fingerprint
         self.ram = RetrievalAugmentedModule(encoder.hidden_size, alpha=alpha, beta=beta, depth=ram_depth,
-                                            num_heads=num_heads, inner_size=inner_size, dropout=dropout)
+                                            num_heads=num_heads, inner_size=inner_size, dropout=dropout,
+                                            residual=ram_residual, init_std=ram_init_std)
         self.k = k
         self.lr = lr
         self.weight_decay = weight_decay
         self.reuse_bank_h = reuse_bank_h
+        self.precompute_retrieval = precompute_retrieval
         self.bank_config = IndexConfig(kind=index, nlist=nlist, nprobe=nprobe, overfetch=overfetch, pq_m=pq_m)
         self.memory_bank: MemoryBank | None = None
         self.retrieval_seconds = 0.0  # time of the last search + filter + gather (for benchmarks)
@@ -143,18 +155,20 @@ class RAFTModule(RecommenderModule):
                                "builds one) or assign module.memory_bank")
         return self.memory_bank
 
-    def query_representation(self, batch: SequenceBatch) -> Tensor:
-        """h of the batch's prefixes from the frozen encoder (or the bank's payload, see ``reuse_bank_h``)."""
-        if self.training and self.reuse_bank_h and self.memory_bank is not None:
-            h = self._h_from_bank(batch)
-            if h is not None:
-                return h
+    def query_representation(self, batch: SequenceBatch, rows: np.ndarray | None = None) -> Tensor:
+        """h of the batch's prefixes from the frozen encoder, or from the bank's payload when the
+        batch's pairs are the bank's entries ``rows`` (see ``reuse_bank_h`` and :meth:`_bank_rows`)."""
+        if rows is not None:
+            return torch.from_numpy(self._bank().h[rows]).to(self.device)
         with torch.no_grad():
             return self.encoder(batch["input_ids"])
 
-    def _h_from_bank(self, batch: SequenceBatch) -> Tensor | None:
-        """The stored h of training queries, if the bank holds exactly these pairs at these rows
-        (the fit bank stores the training pairs in their dataset order); else ``None``."""
+    def _bank_rows(self, batch: SequenceBatch) -> np.ndarray | None:
+        """While training with ``reuse_bank_h``: the bank rows of the batch's pairs, if the bank
+        holds exactly these pairs at these rows (the fit bank stores the training pairs in their
+        dataset order); else ``None``."""
+        if not (self.training and self.reuse_bank_h and self.memory_bank is not None):
+            return None
         bank = self._bank()
         rows = batch["index"].cpu().numpy()
         if len(rows) == 0 or rows.max() >= len(bank):
@@ -162,20 +176,38 @@ class RAFTModule(RecommenderModule):
         if not (np.array_equal(bank.users[rows], batch["user"].cpu().numpy())
                 and np.array_equal(bank.ends[rows], batch["end"].cpu().numpy())):
             return None
-        return torch.from_numpy(bank.h[rows]).to(self.device)
+        return rows
 
-    def augment(self, h: Tensor, user: Tensor, end: Tensor) -> Tensor:
-        """h~: retrieve K memories for each query (no leakage) and combine them with RAM."""
+    def augment(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None) -> Tensor:
+        """h~: retrieve K memories for each query (no leakage) and combine them with RAM.
+        ``bank_rows``: the queries are these bank entries, whose memories are searched once per
+        bank build (``precompute_retrieval``)."""
         if not self.uses_retrieval:
             return h
         start = time.perf_counter()
-        h_k, targets, mask = self._bank().retrieve(h, user, end, self.k, self.device)
+        bank = self._bank()
+        if bank_rows is not None and self.precompute_retrieval:
+            all_rows, all_mask = bank.self_neighbours(self.k, progress=self._show_progress())
+            rows, mask = torch.from_numpy(all_rows[bank_rows]), torch.from_numpy(all_mask[bank_rows])
+        else:
+            rows, mask = bank.search(h, user, end, self.k)
         self.retrieval_seconds = time.perf_counter() - start
-        v_k = self.encoder.item_embedding(targets)
-        return self.ram(h, h_k, v_k, mask)
+        return self.mix(h, rows, mask)
+
+    def mix(self, h: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
+        """h~ from h and the memories at bank ``rows`` (``[B, K]``, ``mask`` True = a real one):
+        their stored h_k and the frozen embeddings of their target items, combined by RAM."""
+        h_k, targets = self._bank().gather(rows, mask)
+        h_k, targets, mask = h_k.to(self.device), targets.to(self.device), mask.to(self.device)
+        return self.ram(h, h_k, self.encoder.item_embedding(targets), mask)
+
+    def _show_progress(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
 
     def user_representation(self, batch: SequenceBatch) -> Tensor:
-        return self.augment(self.query_representation(batch), batch["user"], batch["end"])
+        rows = self._bank_rows(batch)
+        return self.augment(self.query_representation(batch, rows), batch["user"], batch["end"], bank_rows=rows)
 
     def item_weights(self) -> Tensor:
         return self.encoder.item_weights()
@@ -193,6 +225,20 @@ class RAFTModule(RecommenderModule):
         return torch.optim.Adam(self.ram.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # ---------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        residual = holds_residual_block(k for k in checkpoint.get("state_dict", {}) if k.startswith("ram."))
+        if residual != self.ram.residual:
+            if "ram_residual" in checkpoint.get("hyper_parameters", {}):
+                raise CheckpointError(f"the checkpoint's RAM block (residual={residual}) does not match "
+                                      f"ram_residual={self.ram.residual}")
+            # Written before ram_residual existed: it holds the residual block; rebuild to load it.
+            hp = self.hparams
+            self.ram = RetrievalAugmentedModule(self.encoder.hidden_size, alpha=hp.alpha, beta=hp.beta,
+                                                depth=hp.ram_depth, num_heads=hp.num_heads, inner_size=hp.inner_size,
+                                                dropout=hp.dropout, residual=residual)
+            self.hparams.ram_residual = residual
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         # The frozen encoder travels with the RAFT checkpoint: it can be re-used as

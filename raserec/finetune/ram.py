@@ -5,12 +5,27 @@ Two channels of multi-head cross-attention with the user representation h as the
     channel 2: keys = v_k, values = h_k
     h~ = alpha * h + (1 - alpha) * (beta * c1 + (1 - beta) * c2)
 Each channel stacks ``depth`` cross-attention layers with a feed-forward network between
-consecutive ones (the authors: cross-attention -> FFN -> cross-attention), each sublayer with a
-RecBole-style residual connection and LayerNorm.
+consecutive ones (the authors: cross-attention -> FFN -> cross-attention).
+
+The default block is the authors' (HITsz-TMG/RaSeRec, ``recbole/model/layers.py``
+``CrossMultiHeadAttention`` and ``raserec.py`` ``presetting_ram``):
+
+- a cross-attention returns ``dropout(W_o attention(q, K, V))``: no residual connection and no
+  LayerNorm (their LayerNorm line is commented out), so a channel cannot pass ``h`` through
+  unchanged and has to build its output from the memories;
+- the FFN between two cross-attentions keeps RecBole's residual + LayerNorm;
+- the RAM keeps PyTorch's default initialisation (they create it after the model's
+  ``_init_weights`` pass).
+
+``residual=True`` with ``init_std=0.02`` is this project's earlier block (``LN(q + dropout(...))``
+in every cross-attention, RecBole's normal(0, 0.02) initialisation), kept as an ablation: on a
+converged encoder it learns ``h~ ~ 0.5 h + 0.5 LN(h)`` and barely uses the memories.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -22,9 +37,10 @@ from raserec.models.encoders.sasrec import FastDropout
 
 
 class CrossAttention(nn.Module):
-    """RecBole's MultiHeadAttention with a separate query: ``LN(q + dropout(W_o attn(q, k, v)))``."""
+    """Multi-head attention of a query over memories: ``dropout(W_o attn(q, k, v))`` (the authors'),
+    or with ``residual`` RecBole's ``LN(q + dropout(W_o attn(q, k, v)))``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float, residual: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -35,7 +51,8 @@ class CrossAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = FastDropout(dropout)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.residual = residual
+        self.norm = nn.LayerNorm(hidden_size, eps=eps) if residual else None
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -49,7 +66,8 @@ class CrossAttention(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(b, n, d)
-        return self.norm(query + self.dropout(self.out(ctx)))
+        out = self.dropout(self.out(ctx))
+        return self.norm(query + out) if self.norm is not None else out
 
 
 class FeedForward(nn.Module):
@@ -69,9 +87,10 @@ class Channel(nn.Module):
     """``depth`` cross-attention layers over the same memory, an FFN between consecutive ones."""
 
     def __init__(self, hidden_size: int, depth: int, num_heads: int, inner_size: int, dropout: float,
-                 eps: float) -> None:
+                 eps: float, residual: bool = False) -> None:
         super().__init__()
-        self.attention = nn.ModuleList(CrossAttention(hidden_size, num_heads, dropout, eps) for _ in range(depth))
+        self.attention = nn.ModuleList(CrossAttention(hidden_size, num_heads, dropout, eps, residual)
+                                       for _ in range(depth))
         self.ffn = nn.ModuleList(FeedForward(hidden_size, inner_size, dropout, eps) for _ in range(depth - 1))
 
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -100,23 +119,29 @@ class RetrievalAugmentedModule(nn.Module):
         inner_size: FFN inner size.
         dropout: dropout on attention probabilities and sublayer outputs.
         layer_norm_eps: LayerNorm epsilon.
-        init_std: normal initialisation std (RecBole).
+        residual: wrap every cross-attention in a residual connection + LayerNorm (this project's
+            earlier block, an ablation); ``False`` = the authors' block.
+        init_std: ``None`` keeps PyTorch's default initialisation (the authors'); a float applies
+            RecBole's normal(0, init_std) weights and zero biases.
     """
 
     def __init__(self, hidden_size: int, alpha: float = 0.5, beta: float = 1.0, depth: int = 2, num_heads: int = 2,
                  inner_size: int = 256, dropout: float = 0.5, layer_norm_eps: float = 1e-12,
-                 init_std: float = 0.02) -> None:
+                 residual: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta <= 1.0:
             raise ValueError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        self.hidden_size = hidden_size
         self.alpha = float(alpha)
         self.beta = float(beta)
-        args = (hidden_size, depth, num_heads, inner_size, dropout, layer_norm_eps)
+        self.residual = bool(residual)
+        args = (hidden_size, depth, num_heads, inner_size, dropout, layer_norm_eps, self.residual)
         self.channel1 = Channel(*args) if beta > 0.0 else None
         self.channel2 = Channel(*args) if beta < 1.0 else None
-        self.apply(partial(init_weights, std=init_std))
+        if init_std is not None:
+            self.apply(partial(init_weights, std=init_std))
 
     def forward(self, h: Tensor, h_k: Tensor, v_k: Tensor, mask: Tensor) -> Tensor:
         """``h`` ``[B, d]``; ``h_k``, ``v_k`` ``[B, K, d]``; ``mask`` ``[B, K]`` -> h~ ``[B, d]``."""
@@ -135,3 +160,9 @@ class RetrievalAugmentedModule(nn.Module):
             augmented = augmented + (1.0 - self.beta) * self.channel2(h, v_k, h_k, safe)
         out = self.alpha * h + (1.0 - self.alpha) * augmented
         return torch.where(has_memory.unsqueeze(1), out, h)
+
+
+def holds_residual_block(keys: Iterable[str]) -> bool:
+    """Whether RAM state-dict ``keys`` come from the residual block: only its cross-attentions
+    carry a LayerNorm (checkpoints written before ``residual`` existed hold that block)."""
+    return any(re.search(r"attention\.\d+\.norm\.", key) for key in keys)

@@ -172,6 +172,7 @@ class MemoryBank:
         self.nlist = 0  # effective number of lists (0 for flat)
         self.build_seconds = 0.0
         self._user_end: np.ndarray | None = None  # sorted user * 2^31 + end, for own_future_count
+        self._self_neighbours: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # k -> (rows, mask), see below
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -259,6 +260,7 @@ class MemoryBank:
         self.ends = np.concatenate([self.ends, ends])
         self.targets = np.concatenate([self.targets, targets])
         self._user_end = None
+        self._self_neighbours.clear()
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -272,6 +274,7 @@ class MemoryBank:
         """Lists visited per query (IVF only; ignored by flat indexes)."""
         if self.nlist:
             self.index.nprobe = max(1, min(int(nprobe), self.nlist))
+        self._self_neighbours.clear()
 
     def own_future_count(self, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """How many entries the leakage filter drops for each query: entries of the query's
@@ -348,6 +351,28 @@ class MemoryBank:
             out_rows[idx], out_mask[idx] = _first_k(r2, k2, k)
             exhausted[idx] = e2
         return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
+
+    def self_neighbours(self, k: int, chunk: int = 16384, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for every entry of the bank used as a query (its own h, user and end):
+        ``rows`` ``[n, k]`` and ``mask`` ``[n, k]``, row ``i`` belonging to entry ``i``.
+
+        RAFT's training queries are exactly the fit bank's entries, and with a frozen encoder and a
+        bank that does not change between rebuilds their memories are fixed: they are searched
+        once here (cached per ``k`` until :meth:`add` or :meth:`set_nprobe` changes the answer)
+        instead of once per query per epoch. Same rows as per-batch :meth:`search` calls, since
+        every query is searched and filtered independently.
+        """
+        if k not in self._self_neighbours:
+            n = len(self)
+            rows = np.full((n, k), -1, np.int64)
+            mask = np.zeros((n, k), bool)
+            for start in tqdm(range(0, n, chunk), desc="memory bank: retrieving for training queries",
+                              unit="chunk", disable=not progress, leave=False):
+                stop = min(start + chunk, n)
+                r, m = self.search(self.h[start:stop], self.users[start:stop], self.ends[start:stop], k)
+                rows[start:stop], mask[start:stop] = r.numpy(), m.numpy()
+            self._self_neighbours[k] = (rows, mask)
+        return self._self_neighbours[k]
 
     def gather(self, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Payload of the retrieved rows: ``h_k`` ``[B, k, d]`` float32 and target ids ``[B, k]``
