@@ -3,12 +3,18 @@
 The pre-training module embeds this record in every Lightning checkpoint it writes (key
 ``raserec_encoder``); :func:`load_encoder` accepts such a ``.ckpt`` or a standalone file saved
 by :func:`save_encoder`, so the fine-tuning stage needs only the path.
+
+Loading never runs code from the file: it is read with ``torch.load(weights_only=True)`` (plain
+containers, numbers, strings and tensors only), the class it names is resolved only if its module
+lies under a trusted prefix (checked on the name, before anything is imported) and must be a
+:class:`SequenceEncoder` subclass, and the weights must match the SHA-256 recorded beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +23,44 @@ import torch
 from raserec.errors import CheckpointError
 from raserec.models.encoders.base import SequenceEncoder
 
+log = logging.getLogger(__name__)
+
 RECORD_KEY = "raserec_encoder"
 FORMAT_VERSION = 1
+#: Module prefixes an encoder record's ``class_path`` may name. A user's own encoder module is
+#: added with :func:`trust_encoder_module` (or ``trusted_encoder_modules`` in a RAFT config).
+TRUSTED_ENCODER_MODULES: list[str] = ["raserec.models.encoders."]
+
+
+def trust_encoder_module(prefix: str) -> None:
+    """Allow encoder records to name classes from modules starting with ``prefix`` (e.g. ``mypkg.encoders.``)."""
+    if not prefix or prefix.startswith(".") or not all(part.isidentifier() for part in prefix.rstrip(".").split(".")):
+        raise CheckpointError(f"not a module prefix: {prefix!r}")
+    if prefix not in TRUSTED_ENCODER_MODULES:
+        TRUSTED_ENCODER_MODULES.append(prefix)
+
+
+def weights_sha256(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"encoder weights: {name} is a {type(tensor).__name__}, not a tensor")
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def encoder_record(encoder: SequenceEncoder, data_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to rebuild ``encoder`` without its training code."""
+    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     return {
         "format_version": FORMAT_VERSION,
         "class_path": encoder.class_path,
         "init_args": dict(encoder.init_args),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
+        "state_dict": state,
+        "weights_sha256": weights_sha256(state),
         "data": dict(data_fingerprint or {}),
     }
 
@@ -45,35 +78,86 @@ def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    blob = load_weights_only(path)
     record = blob.get(RECORD_KEY) if isinstance(blob, dict) else None
     if record is None:
         raise CheckpointError(
             f"{path}: no encoder record ('{RECORD_KEY}'); was it written by raserec's pre-training stage?"
         )
-    if record.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: encoder record format {record.get('format_version')} != {FORMAT_VERSION}")
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        found = record.get("format_version") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(f"{path}: encoder record format {found} != {FORMAT_VERSION}")
+    for key, kind in (("class_path", str), ("init_args", dict), ("state_dict", dict), ("data", dict)):
+        if not isinstance(record.get(key), kind):
+            raise CheckpointError(f"{path}: damaged encoder record ({key} is not a {kind.__name__})")
+    expected = record.get("weights_sha256")
+    if expected is None:
+        log.warning("%s: encoder record without a weights hash (written before raserec recorded one); "
+                    "its weights cannot be verified", path)
+    elif weights_sha256(record["state_dict"]) != expected:
+        raise CheckpointError(f"{path}: the encoder weights do not match their recorded SHA-256 "
+                              "(the file is damaged or was altered)")
     return record
 
 
-def build_encoder(record: dict[str, Any]) -> SequenceEncoder:
-    module_name, _, cls_name = record["class_path"].rpartition(".")
+def load_weights_only(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: a pickle that would build any object
+    other than plain containers, numbers, strings and tensors is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad (or hostile) file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a loadable checkpoint; only plain weights are accepted "
+                              f"({type(exc).__name__}: {first[:200]})") from exc
+
+
+def resolve_encoder_class(class_path: str) -> type[SequenceEncoder]:
+    """The :class:`SequenceEncoder` subclass named by ``class_path``, if its module is trusted.
+    The prefix is checked on the name before anything is imported."""
+    module_name, _, cls_name = class_path.rpartition(".")
+    if not module_name or not any(class_path.startswith(prefix) for prefix in TRUSTED_ENCODER_MODULES):
+        raise CheckpointError(f"encoder class {class_path!r} is outside the trusted encoder modules "
+                              f"({', '.join(TRUSTED_ENCODER_MODULES)}); refusing to import it "
+                              "(trust your own module with trusted_encoder_modules)")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
-        raise CheckpointError(f"encoder class {record['class_path']} cannot be imported: {exc}") from exc
-    encoder = cls(**record["init_args"])
-    encoder.load_state_dict(record["state_dict"])
+        raise CheckpointError(f"encoder class {class_path} cannot be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, SequenceEncoder)):
+        raise CheckpointError(f"{class_path} is not a SequenceEncoder subclass; refusing to build it")
+    return cls
+
+
+def build_encoder(record: dict[str, Any]) -> SequenceEncoder:
+    cls = resolve_encoder_class(record["class_path"])
+    init_args = record["init_args"]
+    if not all(isinstance(k, str) and _plain(v) for k, v in init_args.items()):
+        raise CheckpointError(f"encoder {record['class_path']}: init_args must be plain values")
+    try:
+        encoder = cls(**init_args)
+        encoder.load_state_dict(record["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"encoder {record['class_path']} cannot be rebuilt from its record: {exc}") from exc
     return encoder
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def load_encoder(path: str | Path) -> tuple[SequenceEncoder, dict[str, Any]]:
     """Rebuild the encoder stored at ``path``; returns it with its data fingerprint."""
     record = read_record(path)
-    return build_encoder(record), record["data"]
+    try:
+        return build_encoder(record), record["data"]
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def load_encoder_for(path: str | Path, num_items: int | None) -> tuple[SequenceEncoder, dict[str, Any]]:
@@ -84,14 +168,6 @@ def load_encoder_for(path: str | Path, num_items: int | None) -> tuple[SequenceE
     if num_items is not None and num_items != ckpt_items:
         raise CheckpointError(f"{path}: the encoder was trained on {ckpt_items} items, the data has {num_items}")
     return encoder, fingerprint
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_fingerprint(encoder: SequenceEncoder) -> str:

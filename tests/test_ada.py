@@ -419,7 +419,7 @@ def test_cli_fit_and_test_on_beauty(tmp_path: Path) -> None:
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"val/HR@50", "base/val/HR@50", "test/HR@50", "base/test/HR@50", "train/loss_round5"} <= logged
     best = tmp_path / "ckpt" / "best.ckpt"
-    blob = torch.load(best, map_location="cpu", weights_only=False)
+    blob = torch.load(best, map_location="cpu", weights_only=True)
     assert blob["hyper_parameters"]["rounds"] == 5 and RECORD_KEY in blob
     assert any(k.startswith("model.ura.gru") for k in blob["state_dict"])
     encoder, _ = load_encoder(best)  # the fine-tuned backbone is readable on its own

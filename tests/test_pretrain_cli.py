@@ -87,7 +87,7 @@ def test_paper_settings_in_beauty_configs() -> None:
 def test_debug_run_writes_self_describing_checkpoint(debug_run: Path) -> None:
     ckpt = debug_run / "run" / "best.ckpt"
     assert ckpt.exists() and (debug_run / "run" / "last.ckpt").exists()
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     record = blob[RECORD_KEY]
     assert record["class_path"] == "raserec.models.encoders.sasrec.SASRec"
     assert record["init_args"]["num_items"] == 12_101 and record["data"]["num_items"] == 12_101

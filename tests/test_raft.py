@@ -302,7 +302,7 @@ def test_cli_fit_test_predict(beauty_encoder_ckpt: Path, tmp_path: Path) -> None
     metrics = json.loads(result.read_text())["metrics"]
     assert 0.0 <= metrics["test/NDCG@10"] <= metrics["test/HR@10"] <= 1.0
     best = tmp_path / "ckpt" / "best.ckpt"
-    blob = torch.load(best, map_location="cpu", weights_only=False)
+    blob = torch.load(best, map_location="cpu", weights_only=True)
     assert RECORD_KEY in blob and not any("faiss" in k or "memory_bank" in k for k in blob["state_dict"])
     assert blob["hyper_parameters"]["k"] == 20 and blob["hyper_parameters"]["num_items"] == 12_101
     # test and predict from the RAFT checkpoint: the bank is rebuilt first

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for, load_weights_only
 from raserec.data.batch import SequenceBatch
 from raserec.errors import CheckpointError, RaserecError
 from raserec.evaluation.metrics import RankingMetrics
@@ -175,7 +175,7 @@ class AdaRetrievalModule(RecommenderModule):
         return self
 
     def _load_ram(self, path: str) -> None:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = load_weights_only(path)
         state = {k.removeprefix("ram."): v for k, v in blob.get("state_dict", {}).items() if k.startswith("ram.")}
         if not state:
             raise CheckpointError(f"{path}: no RAM weights (ram.*); pass a RAFT checkpoint")

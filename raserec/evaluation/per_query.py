@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from raserec.checkpoint import load_weights_only
 from raserec.data.batch import PairDataset, SequenceBatch
 from raserec.data.datamodule import SequenceDataModule, Stage
 from raserec.data.split import PairSet
@@ -101,7 +102,7 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file")
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    blob = load_weights_only(checkpoint)
     if blob.get("hyper_parameters", {}).get("_class_path", "").rsplit(".", 1)[-1] not in ("RAFTModule", ""):
         raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (class {blob['hyper_parameters']['_class_path']})")
     if not any(k.startswith("ram.") for k in blob["state_dict"]):
@@ -116,7 +117,7 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     dm = SequenceDataModule(**dm_hp)
     dm.setup("test")
     module = RAFTModule.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
-                                             map_location="cpu", weights_only=False, **overrides)
+                                             map_location="cpu", weights_only=True, **overrides)
     module.eval()
     return module, dm
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for, trust_encoder_module
 from raserec.data.batch import SequenceBatch
 from raserec.errors import CheckpointError, RaserecError
 from raserec.evaluation.module import RecommenderModule
@@ -61,6 +61,8 @@ class RAFTModule(RecommenderModule):
             the same rows, so the same training, several times faster.
         ram_residual: wrap every RAM cross-attention in a residual connection + LayerNorm (this
             project's earlier block, an ablation; the authors' block has neither).
+        trusted_encoder_modules: module prefixes (e.g. ``mypkg.encoders.``) whose classes an encoder
+            record may name, beside raserec's own encoders (records naming anything else are refused).
         ram_init_std: ``null`` keeps PyTorch's default initialisation of the RAM (the authors');
             a float applies RecBole's normal(0, std) (the earlier block used 0.02).
         lr: Adam learning rate (RAM parameters only).
@@ -93,6 +95,7 @@ class RAFTModule(RecommenderModule):
         precompute_retrieval: bool = True,
         ram_residual: bool = False,
         ram_init_std: float | None = None,
+        trusted_encoder_modules: Sequence[str] = (),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         metric_ks: Sequence[int] = (5, 10, 20, 50),
@@ -103,6 +106,8 @@ class RAFTModule(RecommenderModule):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.save_hyperparameters()
+        for prefix in trusted_encoder_modules:
+            trust_encoder_module(prefix)
         encoder, data_fingerprint = load_encoder_for(encoder_checkpoint, num_items)
         # Frozen: no gradients, and eval mode forever (see train()), so its dropout stays off
         # and the bank's keys stay valid.
