@@ -4,15 +4,21 @@ checkpointing, early stopping and the results file, and tests the best checkpoin
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from raserec.checkpoint import RECORD_KEY, load_weights_only
 from raserec.data.datamodule import SequenceDataModule
+from raserec.errors import CheckpointError
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.writer import TopNWriter
 from raserec.results import ResultsWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,11 +73,43 @@ class RaserecCLI(LightningCLI):
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/HR@10", "early_stopping.mode": "max",
                              "early_stopping.patience": 10})
+        if "weights_only" in {a.dest for a in parser._actions}:
+            # Trainer.fit/test(ckpt_path=...) would unpickle anything (Lightning defaults to
+            # weights_only=False): checkpoints are plain weights here, never code.
+            parser.set_defaults({"weights_only": True})
         parser.add_class_arguments(ResultsSpec, "results")
         parser.add_argument("--predict_output", type=str, default="predictions.csv",
                             help="predict: file for each user's top-N items (.csv or .parquet)")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the best checkpoint (the last weights if none was saved)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before LightningCLI merges its hyper-parameters into the config:
+        the file must exist and load weights-only, and it must belong to the model class the
+        config names (its saved class would otherwise silently replace the config's). A checkpoint
+        that embeds its frozen encoder (RAFT) loads the encoder from itself, so a moved run
+        directory stays usable: the recorded ``encoder_checkpoint`` path is provenance only."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
+        blob = load_weights_only(path)
+        hparams = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
+        saved = hparams.get("_class_path")
+        configured = (self.config[subcommand].get("model") or {}).get("class_path")
+        if saved and configured and saved != configured:
+            raise CheckpointError(f"{ckpt_path} is a {saved.rsplit('.', 1)[-1]} checkpoint, but the config runs "
+                                  f"{configured.rsplit('.', 1)[-1]}; pass the config the checkpoint was trained with")
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit as exc:
+            raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit the config's model "
+                                  f"{configured}; pass the config the checkpoint was trained with") from exc
+        if RECORD_KEY in blob and "encoder_checkpoint" in hparams:
+            self.config[subcommand]["model"]["init_args"]["encoder_checkpoint"] = str(path)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -87,5 +125,12 @@ class RaserecCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:
             return
-        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        callback = self.trainer.checkpoint_callback
+        ckpt = getattr(callback, "best_model_path", "") or None
+        if ckpt and not Path(ckpt).is_file():
+            # Resumed from a run directory that has since moved: the restored path is stale.
+            moved = Path(callback.dirpath or ".") / Path(ckpt).name
+            log.warning("best checkpoint %s no longer exists; testing %s", ckpt, moved if moved.is_file() else
+                        "the last weights")
+            ckpt = str(moved) if moved.is_file() else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)

@@ -101,3 +101,17 @@ def test_trusting_a_module_prefix(tmp_path: Path) -> None:
             trust_encoder_module("os; rm -rf")
     finally:
         TRUSTED_ENCODER_MODULES[:] = before
+
+
+def test_the_cli_never_unpickles_a_hostile_ckpt_path(tmp_path: Path, capsys) -> None:
+    from raserec.cli import main
+
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, hostile)
+    config = Path(__file__).resolve().parents[1] / "configs" / "beauty_pretrain.yaml"
+    for command in ("test", "fit", "predict"):
+        assert main([command, "--config", str(config), "--ckpt_path", str(hostile)]) == 2
+        err = capsys.readouterr().err
+        assert "only plain weights are accepted" in err and err.count("\n") == 1
+    assert not marker.exists()

@@ -321,6 +321,35 @@ def test_cli_fit_test_predict(beauty_encoder_ckpt: Path, tmp_path: Path) -> None
     original, _ = load_encoder(beauty_encoder_ckpt)
     for name, tensor in original.state_dict().items():
         assert torch.equal(tensor, encoder.state_dict()[name]), name
+    # a moved run directory: the encoder comes from the checkpoint itself, not the recorded path
+    moved = tmp_path / "moved" / "best.ckpt"
+    moved.parent.mkdir()
+    best.rename(moved)
+    overrides = _overrides(tmp_path, tmp_path / "gone" / "encoder.pt")
+    rc = main(["test", *cfg, *overrides, "--ckpt_path", str(moved), "--results.path", str(tmp_path / "moved.json"),
+               "--trainer.limit_test_batches", "2"])
+    assert rc == 0
+    assert json.loads((tmp_path / "moved.json").read_text())["metrics"]["test/HR@50"] == metrics["test/HR@50"]
+
+
+def test_cli_refuses_a_checkpoint_of_another_model_class(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         beauty_encoder_ckpt: Path) -> None:
+    """The checkpoint's saved class must not silently replace the config's (issue 13, route 3)."""
+    raft = RAFTModule(num_items=12_101, encoder_checkpoint=str(beauty_encoder_ckpt))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(raft)
+    ckpt = tmp_path / "raft.ckpt"
+    trainer.save_checkpoint(ckpt)
+    rc = main(["test", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--ckpt_path", str(ckpt)])
+    assert rc == 2 and "its hyper-parameters do not fit the config's model" in capsys.readouterr().err
+    raft.hparams["_class_path"] = "raserec.finetune.module.RAFTModule"  # what LightningCLI records
+    trainer.save_checkpoint(ckpt)
+    rc = main(["test", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a RAFTModule checkpoint, but the config runs PretrainModule" in err
+    assert err.count("\n") == 1
+    rc = main(["test", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert rc == 2 and "no such checkpoint file" in capsys.readouterr().err
 
 
 def test_cli_wrong_item_count_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
