@@ -177,3 +177,22 @@ def state_fingerprint(encoder: SequenceEncoder) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def check_same_data(fingerprint: dict[str, Any], datamodule: Any, allow_other_data: bool = False) -> None:
+    """Refuse to use an encoder with data other than it was trained on (same item count, other
+    interactions: the ids would silently mean other items). Data grown by
+    ``append_interactions`` from the encoder's data is the same data; ``allow_other_data``
+    turns the refusal into a warning."""
+    expected = fingerprint.get("content_hash")
+    if not expected or datamodule is None or not hasattr(datamodule, "data"):
+        return
+    current = datamodule.data.content_hash()
+    if current == expected or expected in getattr(datamodule, "previous_content_hashes", ()):
+        return
+    message = (f"the encoder was pre-trained on other data (content hash {expected[:12]}) than "
+               f"{getattr(datamodule, 'data_path', 'these data')} ({current[:12]})")
+    if allow_other_data:
+        log.warning("%s; continuing because allow_other_data is set", message)
+        return
+    raise CheckpointError(f"{message}; pass the data it was trained on, or allow_other_data: true to use it anyway")

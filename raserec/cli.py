@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from raserec.errors import RaserecError
 
@@ -51,8 +52,111 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """The values of every ``--config FILE`` / ``--config=FILE`` / ``-c FILE`` in ``argv``."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+#: Module prefixes a ``class_path`` may name on the command line or in a config; anything else is
+#: refused by name, before jsonargparse imports it (importing a module runs its code). Extend
+#: with the environment variable RASEREC_TRUSTED_MODULES="mypkg.,otherpkg.models.".
+TRUSTED_CLASS_PREFIXES = ("raserec.", "lightning.", "pytorch_lightning.", "torch.", "torchmetrics.")
+
+
+def check_class_path(value: object, where: str) -> None:
+    """Refuse a dotted ``class_path`` outside the trusted prefixes (bare names are resolved by
+    jsonargparse among the known subclasses, which imports nothing new)."""
+    import os
+
+    from raserec.errors import ConfigError
+
+    if not isinstance(value, str) or "." not in value:
+        return
+    extra = tuple(p.strip() for p in os.environ.get("RASEREC_TRUSTED_MODULES", "").split(",") if p.strip())
+    if not value.startswith(TRUSTED_CLASS_PREFIXES + extra):
+        raise ConfigError(f"{where}: class_path {value!r} is outside the trusted modules "
+                          f"({', '.join(TRUSTED_CLASS_PREFIXES + extra)}); refusing to import it "
+                          "(trust your own package with RASEREC_TRUSTED_MODULES)")
+
+
+def _class_paths(tree: object, prefix: str = ""):
+    """Every ``class_path`` value in a parsed YAML tree, with its dotted key."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key == "class_path":
+                yield name, value
+            else:
+                yield from _class_paths(value, name)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _class_paths(value, f"{prefix}[{i}]")
+
+
+def _check_argv_class_paths(argv: list[str]) -> None:
+    import yaml
+
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or key in ("--config", "-c"):
+            continue
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if key.endswith(".class_path"):
+            check_class_path(value, key)
+        elif value.lstrip().startswith("{"):  # an inline mapping such as --trainer.logger '{class_path: ...}'
+            try:
+                tree = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue
+            for name, path in _class_paths(tree, key.lstrip("-")):
+                check_class_path(path, name)
+        elif key in ("--trainer.logger", "--model", "--trainer.strategy", "--optimizer", "--lr_scheduler") \
+                or key.startswith("--trainer.callbacks") or key.startswith("--trainer.plugins"):
+            check_class_path(value, key)
+
+
+def check_config_file(path: str) -> None:
+    """A config must be a readable YAML mapping; say which file and what is wrong (jsonargparse
+    would report ``Unexpected config`` or a YAML error about ``<unicode string>``)."""
+    import yaml
+
+    from raserec.errors import ConfigError
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from exc
+    if content is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of options (key: value), got a {type(content).__name__}")
+    for key, value in _class_paths(content):
+        check_class_path(value, f"{path}: {key}")
+
+
 def _lightning_main(argv: list[str]) -> int:
     from raserec.lightning_cli import RaserecCLI
+
+    for path in _config_files(argv):
+        check_config_file(path)
+    _check_argv_class_paths(argv)
 
     # From the console script the arguments are sys.argv itself; passing them again would make
     # LightningCLI warn that both were given.

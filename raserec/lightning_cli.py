@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from raserec.checkpoint import RECORD_KEY, load_weights_only
+from raserec.checkpoint import RECORD_KEY, check_same_data, load_weights_only
 from raserec.data.datamodule import SequenceDataModule
-from raserec.errors import CheckpointError
+from raserec.errors import CheckpointError, ConfigError
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.writer import TopNWriter
 from raserec.results import ResultsWriter
@@ -48,6 +49,24 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             trainer.logger.log_hyperparams({"config": json.loads(config)})
 
 
+class RaserecArgumentParser(LightningArgumentParser):
+    """Reports a bad option or config value as one :class:`ConfigError` line (the CLI prints
+    ``error: ...`` and a hint), not as the full usage text followed by the message."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse is probing alternatives internally
+            return super().error(message, ex)
+        flat = " ".join(line.strip(" -") for line in str(message).splitlines() if line.strip())
+        # jsonargparse explains a rejected option of a subclass inside a long union report; keep its point.
+        point = re.search(r"(Option '[^']+' is not accepted|Key '[^']+' is not expected)", flat)
+        if point and "class_path" in flat:
+            key = re.search(r'Parser key "([^"]+)"', flat)
+            flat = f"{point.group(1)}" + (f" by {key.group(1)}" if key else "") + " (unknown option)"
+        words = self.prog.replace(" [options]", "").split()
+        command = "raserec" + (f" {words[-1]}" if len(words) > 1 else "")
+        raise ConfigError(f"{flat[:500]} (run `{command} --help` for the options)") from ex
+
+
 class RaserecCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over a :class:`RecommenderModule` subclass
     (``model.class_path``) and a :class:`SequenceDataModule` (``data``)."""
@@ -55,6 +74,7 @@ class RaserecCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
+        kwargs.setdefault("parser_class", RaserecArgumentParser)
         super().__init__(
             RecommenderModule,
             SequenceDataModule,
@@ -105,7 +125,7 @@ class RaserecCLI(LightningCLI):
                                   f"{configured.rsplit('.', 1)[-1]}; pass the config the checkpoint was trained with")
         try:
             super()._parse_ckpt_path()
-        except SystemExit as exc:
+        except (SystemExit, ConfigError) as exc:
             raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit the config's model "
                                   f"{configured}; pass the config the checkpoint was trained with") from exc
         if RECORD_KEY in blob and "encoder_checkpoint" in hparams:
@@ -121,6 +141,29 @@ class RaserecCLI(LightningCLI):
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         return trainer
+
+    def _check_model_fits_data(self) -> None:
+        """Before the trainer writes anything: the data's sequences must fit the encoder."""
+        encoder = getattr(self.model, "encoder", None)
+        limit = getattr(encoder, "max_len", None)
+        if isinstance(limit, int) and self.datamodule is not None and self.datamodule.max_len > limit:
+            raise ConfigError(f"data.max_len {self.datamodule.max_len} exceeds the encoder's max_len {limit}: "
+                              "set them equal (or data.max_len lower)")
+        fingerprint = getattr(self.model, "encoder_data", None)
+        if isinstance(fingerprint, dict):  # a frozen pre-trained encoder: it must be used on its own data
+            check_same_data(fingerprint, self.datamodule, bool(self.model.hparams.get("allow_other_data", False)))
+
+    def before_fit(self) -> None:
+        self._check_model_fits_data()
+
+    def before_validate(self) -> None:
+        self._check_model_fits_data()
+
+    def before_test(self) -> None:
+        self._check_model_fits_data()
+
+    def before_predict(self) -> None:
+        self._check_model_fits_data()
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:

@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from raserec.outputs import check_output_file
+
 
 def hardware() -> str:
     """CPU model and core count, plus the GPU model when one is used."""
@@ -70,6 +72,7 @@ class ResultsWriter(L.Callback):
 
     def __init__(self, path: str, dataset: str, model: str, notes: str = "",
                  config: dict[str, Any] | None = None) -> None:
+        check_output_file(path, "results file", (".json",))
         self.config = config
         self.path = path
         self.dataset = dataset
@@ -121,6 +124,7 @@ class ResultsWriter(L.Callback):
             "hardware": hardware(),
             "dataset": self.dataset,
             "model": self.model,
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",  # what actually ran
             "seeds": [int(seed)] if seed is not None else [],
             "wall_time_s": round(time.perf_counter() - self._start, 2),
             "fit_time_s": None if self._fit_time is None else round(self._fit_time, 2),

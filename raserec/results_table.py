@@ -82,7 +82,7 @@ def ada_table(results: list[tuple[str, dict]]) -> str:
 def bench_table(results: list[tuple[str, dict]]) -> str:
     lines = ["| benchmark | figures | targets | hardware | command |", "|---|---|---|---|---|"]
     for name, r in results:
-        if any(k in r.get("metrics", {}) for k in QUALITY_KEYS):
+        if any(k in r.get("metrics", {}) for k in QUALITY_KEYS) or name == "robustness.json":
             continue
         figures = ", ".join(f"{k} = {v}" for k, v in r.get("metrics", {}).items())
         targets = ", ".join(f"{k} <= {v}" for k, v in r.get("targets", {}).items())
@@ -102,11 +102,14 @@ def experiments_table(results_dir: Path) -> str:
     head = ("| dataset | backbone | row | " + " | ".join(EXPERIMENT_KEYS) +
             " | seeds | epochs (stage 1 + 2) | schedule | wall time | hardware | command |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for path in sorted(results_dir.glob("*/summary.json")):
+    # Converged runs (the configs' own schedule, early stopping) first; CPU-short smoke tests after.
+    summaries = sorted(results_dir.glob("*/summary.json"), key=lambda p: ("cpu_short" in p.parent.name, p.name))
+    for path in summaries:
         s = json.loads(path.read_text())
         seeds = ", ".join(map(str, s["seeds"]))
         epochs = ", ".join(f"{e['epochs']['pretrain']} + {e['epochs']['finetune']}" for e in s["per_seed"])
-        schedule = "CPU short (configs/cpu_short.yaml)" if "cpu_short" in s["command"] else "config as committed"
+        schedule = ("CPU short (configs/cpu_short.yaml): smoke test, not a result" if "cpu_short" in s["command"]
+                    else "converged: both stages to early stopping (patience 10)")
         common = f" | {seeds} | {epochs} | {schedule} | {s['wall_time_s']:.0f} s | {s['hardware']} | `{s['command']}` |"
         rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec", s["finetune"])]
         for label, m in rows:
@@ -134,6 +137,20 @@ def analyses_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def robustness_table(results_dir: Path) -> str:
+    path = results_dir / "robustness.json"
+    if not path.is_file():
+        return "(no results/robustness.json yet: run `python -m tests.robustness`)"
+    r = json.loads(path.read_text())
+    lines = ["| figure | value |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in r["metrics"].items()]
+    groups: dict[str, int] = {}
+    for case in r.get("cases", []):
+        groups[case["group"]] = groups.get(case["group"], 0) + 1
+    lines.append("| cases by kind | " + ", ".join(f"{g} {n}" for g, n in groups.items()) + " |")
+    return "\n".join(lines) + f"\n\nCommand: `{r['command']}` ({r['hardware']}, {r['wall_time_s']:.0f} s)."
+
+
 def render(results_dir: Path) -> str:
     results = load(results_dir)
     return (f"{START}\n### Experiments: ours (mean ± std over seeds) vs the paper\n\n"
@@ -142,7 +159,8 @@ def render(results_dir: Path) -> str:
             f"### Single runs (test set, full ranking)\n\n{quality_table(results)}\n\n"
             f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
             f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"
-            f"### Speed benchmarks\n\n{bench_table(results)}\n{END}")
+            f"### Speed benchmarks\n\n{bench_table(results)}\n\n"
+            f"### Robustness (bad inputs, `tests/robustness.py`)\n\n{robustness_table(results_dir)}\n{END}")
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from raserec.checkpoint import load_encoder
 from raserec.cli import main
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.runner import ExperimentSpec, stage_command
@@ -33,6 +35,11 @@ def test_each_seed_has_both_stages_ranks_and_configs(short_experiment):
             m = metrics_from_ranks(ranks[key], (5, 10, 20, 50))
             for metric in ("HR@5", "NDCG@10", "HR@50"):
                 assert m[metric] == pytest.approx(stage["metrics"][f"test/{metric}"], abs=1e-6), (key, metric)
+        # the stage-1 encoder is exported beside the results, identical to the best checkpoint's
+        exported, data = load_encoder(results / name / f"seed_{seed}" / "encoder.pt")
+        best, _ = load_encoder(runs / name / f"seed_{seed}" / "pretrain" / "checkpoints" / "best.ckpt")
+        assert all(torch.equal(t, exported.state_dict()[k]) for k, t in best.state_dict().items())
+        assert data["exported_from"].endswith("best.ckpt") and data["num_items"] > 0
     # different seeds train different models
     a = json.loads((results / name / "seed_1" / "pretrain.json").read_text())["metrics"]
     b = json.loads((results / name / "seed_2" / "pretrain.json").read_text())["metrics"]
@@ -82,6 +89,10 @@ def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
     last.write_bytes(b"")
     args = stage_command(spec, 7, "pretrain")
     assert args[args.index("--ckpt_path") + 1] == str(last)
+    fine = stage_command(spec, 7, "finetune")
+    # no stage-1 checkpoint on this machine (runs/ is not committed): the exported encoder record
+    assert fine[fine.index("--model.init_args.encoder_checkpoint") + 1] == str(spec.encoder_record(7))
+    spec.checkpoint(7, "pretrain").write_bytes(b"")
     fine = stage_command(spec, 7, "finetune")
     assert fine[fine.index("--model.init_args.encoder_checkpoint") + 1] == str(spec.checkpoint(7, "pretrain"))
     assert fine[fine.index("--seed_everything") + 1] == "7"

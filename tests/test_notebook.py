@@ -25,6 +25,7 @@ ANALYSES: dict[str, list[str]] = {
     "partitions": [],
     "noise": ["--ratios", "0.1,0.3"],
     "sensitivity": ["--mode", "eval", "--params", "alpha", "k", "--alpha", "0.0,0.5,1.0", "--k", "5,20"],
+    "memory_use": [],
 }
 
 

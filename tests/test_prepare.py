@@ -334,3 +334,62 @@ def test_prepare_main_amazon_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert err.startswith("error: cannot download") and "network unavailable" in err
     assert not (tmp_path / "data" / "beauty").exists()
     assert list((tmp_path / "data" / ".raw").iterdir()) == []
+
+
+def _temporaries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT twice"])
+def test_an_interrupted_prepare_leaves_nothing_after_the_next_run(tmp_path: Path, how: str) -> None:
+    """A real `raserec prepare` of Beauty is interrupted while it writes; afterwards (for SIGKILL:
+    after the next prepare, which sweeps what the dead process left) no temporary is left and the
+    dataset is complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import BEAUTY, require
+
+    out = tmp_path / "beauty"
+    env = {**os.environ, "RASEREC_PREPARE_HOLD_S": "30"}
+    proc = subprocess.Popen([sys.executable, "-m", "raserec.cli", "prepare", str(require(BEAUTY)), str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not any(name.startswith(".beauty.tmp-") and not name.endswith(".lock") and
+                  (tmp_path / name / "interactions.parquet").exists() for name in _temporaries(tmp_path)):
+        assert proc.poll() is None and time.time() < deadline, "prepare never reached its write"
+        time.sleep(0.05)
+    if how == "SIGKILL":
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert _temporaries(tmp_path), "the killed run should have left its temporary behind"
+        # the next run (a new process, as a user would start it) sweeps what the dead one left
+        again = subprocess.run([sys.executable, "-m", "raserec.cli", "prepare", str(BEAUTY), str(out)],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "stale temporary" in again.stderr
+        assert prepare.is_prepared(out)
+    else:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) != 0
+        assert not out.exists()
+    assert _temporaries(tmp_path) == []
+
+
+def test_sweep_keeps_a_temporary_that_is_being_written(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    busy, dead = tmp_path / ".x.tmp-busy", tmp_path / ".y.tmp-dead"
+    busy.mkdir()
+    dead.mkdir()
+    old = time.time() - 3600
+    for d in (busy, dead):
+        os.utime(d, (old, old))
+    with open(f"{busy}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        removed = prepare.sweep_stale_temporaries(tmp_path)
+    assert removed == [dead] and busy.is_dir() and not dead.exists()

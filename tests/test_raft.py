@@ -439,3 +439,17 @@ def test_checkpoints_of_the_residual_block_still_load(data_and_ckpt) -> None:
     checkpoint["hyper_parameters"] = dict(old.hparams)
     with pytest.raises(CheckpointError, match="does not match ram_residual=False"):
         _module(ckpt).on_load_checkpoint(checkpoint)
+
+
+def test_an_encoder_of_other_data_is_refused_unless_allowed(data_and_ckpt) -> None:
+    """Same item count, other interactions: item ids would silently mean other items. Data grown
+    by append_interactions from the encoder's own data is accepted."""
+    data, ckpt = data_and_ckpt
+    other = synthetic_data(num_users=600, seed=9)
+    assert other.num_items == data.num_items and other.content_hash() != data.content_hash()
+    with pytest.raises(CheckpointError, match="pre-trained on other data"):
+        _trainer().validate(_module(ckpt), datamodule=_dm(other))
+    _trainer().validate(_module(ckpt, allow_other_data=True), datamodule=_dm(other))
+    dm = _dm(data)
+    dm.append_interactions(pl.DataFrame({"user": ["0", "1"], "item": ["3", "4"], "order": [10**6] * 2}))
+    _trainer().validate(_module(ckpt), datamodule=dm)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raserec.errors import ConfigError
 from raserec.models.encoders.sasrec import FastDropout
 
 
@@ -44,7 +45,7 @@ class FilterLayer(nn.Module):
                  init_std: float = 0.02) -> None:
         super().__init__()
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         self.k = k
         # Stored as real [..., 2] (not a complex parameter) so optimisers, state-dict hashing and
         # distributed reductions see an ordinary float tensor; viewed as complex in forward.

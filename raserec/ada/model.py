@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from raserec.ada.adapters import ItemRepresentationAdapter, UserRepresentationAdapter
+from raserec.errors import ConfigError
 from raserec.models.encoders.base import SequenceEncoder
 
 
@@ -64,9 +65,9 @@ class AdaRetrieval(nn.Module):
                  filter_per_round: bool = False, layer_norm_eps: float = 1e-12, init_std: float = 0.02) -> None:
         super().__init__()
         if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
+            raise ConfigError(f"rounds must be >= 1, got {rounds}")
         if total_k < rounds:
-            raise ValueError(f"total_k ({total_k}) must be >= rounds ({rounds}): each round retrieves k = K // T items")
+            raise ConfigError(f"total_k ({total_k}) must be >= rounds ({rounds}): each round retrieves k = K // T items")
         self.encoder = encoder
         self.rounds = rounds
         self.k = total_k // rounds

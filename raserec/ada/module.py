@@ -13,9 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for, load_weights_only
+from raserec.checkpoint import (
+    RECORD_KEY,
+    check_same_data,
+    encoder_record,
+    load_encoder_for,
+    load_weights_only,
+)
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, RaserecError
+from raserec.errors import CheckpointError, ConfigError, RaserecError, check_optimizer
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.ranking import target_ranks
@@ -79,6 +85,9 @@ class AdaRetrievalModule(RecommenderModule):
         filter_per_round: one IRA filter layer per earlier round's block instead of one shared.
         lr: Adam learning rate (backbone and adapters).
         weight_decay: Adam weight decay.
+        allow_other_data: use the encoder even with data other than it was pre-trained on (same
+            item count, different content hash); refused by default, since item ids would
+            silently mean other items.
         evaluate_base: also evaluate the frozen pre-trained backbone (``base/...`` metrics).
         metric_ks: cut-offs of HR@K and NDCG@K (at most T * k).
         mask_history: exclude the input sequence's items from every round's retrieval (in
@@ -113,6 +122,7 @@ class AdaRetrievalModule(RecommenderModule):
         filter_per_round: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        allow_other_data: bool = False,
         evaluate_base: bool = True,
         metric_ks: Sequence[int] = (20, 50),
         mask_history: bool = False,
@@ -126,10 +136,11 @@ class AdaRetrievalModule(RecommenderModule):
         memory_nprobe: int = 1,
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
+        check_optimizer(lr, weight_decay)
         if loss not in ("bce", "ce"):
-            raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+            raise ConfigError(f"loss must be 'bce' or 'ce', got {loss!r}")
         if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+            raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
         self.save_hyperparameters()
         encoder, data_fingerprint = load_encoder_for(encoder_checkpoint, num_items)
         self.num_items = encoder.item_embedding.num_embeddings - 1
@@ -139,7 +150,7 @@ class AdaRetrievalModule(RecommenderModule):
         self.model = AdaRetrieval(encoder, rounds=rounds, total_k=total_k, dropout=dropout,
                                   filter_per_round=filter_per_round)
         if max(metric_ks) > self.model.list_length:
-            raise ValueError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
+            raise ConfigError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
         self.loss_kind = loss
         self.num_negatives = num_negatives
         self.lr = lr
@@ -149,7 +160,7 @@ class AdaRetrievalModule(RecommenderModule):
         self.base_val_metrics = RankingMetrics(metric_ks)
         self.base_test_metrics = RankingMetrics(metric_ks)
         if memory_k < 0:
-            raise ValueError(f"memory_k must be >= 0, got {memory_k}")
+            raise ConfigError(f"memory_k must be >= 0, got {memory_k}")
         self.memory_k = memory_k
         self.memory_encoder: SequenceEncoder | None = None
         self.ram: RetrievalAugmentedModule | None = None
@@ -207,11 +218,9 @@ class AdaRetrievalModule(RecommenderModule):
         return lambda u: self.ram(u, h_k, v_k, mask)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        expected = self.encoder_data.get("content_hash")
-        if dm is not None and hasattr(dm, "data") and expected and dm.data.content_hash() != expected:
-            log.warning("the data differ from the data the backbone was pre-trained on (content hash %s != %s)",
-                        dm.data.content_hash()[:12], expected[:12])
+        super().setup(stage)
+        check_same_data(self.encoder_data, getattr(self.trainer, "datamodule", None),
+                        self.hparams.get("allow_other_data", False))
 
     # ---------------------------------------------------------------- forward
     def _exclude(self, batch: SequenceBatch, exempt_target: bool) -> Tensor | None:

@@ -17,7 +17,7 @@ from raserec.data.batch import PairDataset, SequenceBatch, passthrough
 from raserec.data.positives import LonelyPolicy, SameTargetPositives
 from raserec.data.sequences import SequenceData
 from raserec.data.split import PairSet, predict_queries, test_queries, training_pairs, validation_queries
-from raserec.errors import DataError
+from raserec.errors import ConfigError, DataError, check, check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,11 @@ class SequenceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+            raise ConfigError(f"max_len must be >= 1, got {max_len}")
         if min_length < 3:
-            raise ValueError(f"min_length must be >= 3 for leave-one-out splits, got {min_length}")
+            raise ConfigError(f"min_length must be >= 3 for leave-one-out splits, got {min_length}")
+        check_sizes(batch_size=batch_size, eval_batch_size=eval_batch_size)
+        check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
         # Plain strings in the hyper-parameters keep checkpoints loadable with weights_only=True.
         data_path = str(data_path)
         cache_dir = None if cache_dir is None else str(cache_dir)
@@ -89,6 +91,7 @@ class SequenceDataModule(L.LightningDataModule):
         self._data: SequenceData | None = None
         self._splits: dict[str, PairSet] = {}
         self.positives: SameTargetPositives | None = None
+        self.previous_content_hashes: set[str] = set()  # of the data before append_interactions
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -137,6 +140,7 @@ class SequenceDataModule(L.LightningDataModule):
 
         Changes the reference set, so ``reference_version`` changes and the memory bank
         callback rebuilds the bank, without retraining the encoder."""
+        self.previous_content_hashes.add(self.data.content_hash())  # still the encoder's data, grown
         self.set_data(self.data.append(interactions))
 
     # ----------------------------------------------------------------- accessors

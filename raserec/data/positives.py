@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from raserec.errors import ConfigError
+
 #: What to do for a pair whose target no other training pair shares.
 #: "self": the pair is its own positive (the authors' DuoRec fallback);
 #: "exclude": it gets ``has_positive = False`` and the loss leaves it out of L_ret.
@@ -47,7 +49,7 @@ class SameTargetPositives:
     @classmethod
     def build(cls, targets: np.ndarray, num_items: int, policy: LonelyPolicy = "self") -> SameTargetPositives:
         if policy not in ("self", "exclude"):
-            raise ValueError(f"positive policy must be 'self' or 'exclude', got {policy!r}")
+            raise ConfigError(f"positive policy must be 'self' or 'exclude', got {policy!r}")
         targets = np.asarray(targets, dtype=np.int64)
         members = np.argsort(targets, kind="stable")
         counts = np.bincount(targets, minlength=num_items + 1)

@@ -16,14 +16,19 @@ content hash and refuses a directory whose arrays do not match its manifest.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ from raserec.data.sequences import SequenceData, dataset_stats, sequences_from_i
 from raserec.errors import DataError
 
 log = logging.getLogger(__name__)
+_PROCESS_START = time.time()  # temporaries older than this and unlocked are left by dead runs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -185,11 +191,15 @@ def prepare_dataset(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    lock = _hold_lock(tmp)  # tells a later sweep that this directory is still being written
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the dataset should be shareable
     old: Path | None = None
     try:
         _write(data, tmp)
+        if hold := float(os.environ.get("RASEREC_PREPARE_HOLD_S", "0") or 0):
+            time.sleep(hold)  # test hook: widen the window in which a test interrupts the write
         _write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
         if out_dir.exists():
             if _same_dataset(out_dir, source_sha, params):  # a concurrent run finished first
@@ -201,15 +211,73 @@ def prepare_dataset(
             os.replace(out_dir, old / "d")
         os.replace(tmp, out_dir)
     except BaseException:
-        if old is not None and not out_dir.exists() and (old / "d").exists():
-            os.replace(old / "d", out_dir)
+        with _signals_deferred():
+            if old is not None and not out_dir.exists() and (old / "d").exists():
+                os.replace(old / "d", out_dir)
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # A second Ctrl-C must not cut the cleanup short (it used to leave .NAME.tmp-* behind):
+        # SIGINT/SIGTERM are held until it is done, then delivered.
+        with _signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            lock.close()
+            Path(f"{tmp}.lock").unlink(missing_ok=True)
     log.info("prepared %s -> %s (%s)", source, out_dir, manifest["stats"])
     return out_dir
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM for the duration (delivered right after), so cleanup completes."""
+    blockable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if blockable:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+
+
+def _hold_lock(tmp: Path):
+    """An exclusive ``flock`` on ``<tmp>.lock``, held while ``tmp`` is written; the kernel drops
+    it when the process dies, however it dies."""
+    handle = open(f"{tmp}.lock", "w")  # noqa: SIM115 - held open until the write is over
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def sweep_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` directories left in ``directory`` by a prepare that
+    was killed: those older than this process whose lock no live process holds. Returns them."""
+    removed = []
+    started = _PROCESS_START
+    for candidate in list(directory.glob(".*.tmp-*")) + list(directory.glob(".*.old-*")):
+        if not candidate.is_dir():
+            continue
+        try:
+            if candidate.stat().st_mtime >= started:
+                continue  # made after this process started: possibly a sibling thread's
+            lock_path = Path(f"{candidate}.lock")
+            with open(lock_path, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another process is writing it right now
+                shutil.rmtree(candidate, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+            removed.append(candidate)
+        except OSError as exc:
+            log.warning("%s: could not remove a stale temporary directory (%s)", candidate, exc)
+    if removed:
+        log.info("removed %d stale temporary director%s left by an interrupted prepare: %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", ", ".join(p.name for p in removed))
+    return removed
 
 
 def _same_dataset(out_dir: Path, source_sha: str, params: dict[str, Any]) -> bool:
@@ -358,6 +426,7 @@ def dataset_stats_for(
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
+        load_prepared(path, verify=True)  # never report figures of files that no longer match them
         stats = read_manifest(path).get("stats")
         if not isinstance(stats, dict):
             raise DataError(f"{path / MANIFEST}: no stats; re-run raserec prepare")

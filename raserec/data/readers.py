@@ -82,6 +82,10 @@ def _read_text(path: Path) -> str:
 def _split_lines(path: Path, text: str, first_line: int = 1) -> tuple[pl.Series, int]:
     """Lines without the trailing blank ones; an interior blank line is an error (it usually
     means a truncated or concatenated file). Returns the lines and their 1-based start number."""
+    if "\r" in text and "\n" not in text:
+        # Old-Mac line endings: without this the whole file would be one "user" line.
+        log.info("%s: CR-only line endings (classic Mac OS); reading each CR as a line break", path)
+        text = text.replace("\r", "\n")
     lines = pl.Series("line", text.split("\n"), dtype=pl.Utf8).str.strip_chars_end("\r")
     blank = lines.str.strip_chars().str.len_bytes() == 0
     nonblank = (~blank).arg_true()
@@ -99,7 +103,8 @@ def _split_lines(path: Path, text: str, first_line: int = 1) -> tuple[pl.Series,
 def read_lines(path: str | Path) -> pl.DataFrame:
     """Read the line format ``user item item ...``; ``order`` is the 0-based position in the line.
 
-    Ids must be integers (they are normalised, so ``007`` and ``7`` are the same id).
+    Ids must be integers (they are normalised, so ``007`` and ``7`` are the same id): items
+    positive, users non-negative. CR-only (classic Mac) line endings are read as line breaks.
     """
     path = _check_file(Path(path))
     lines, _ = _split_lines(path, _read_text(path))
@@ -127,6 +132,13 @@ def read_lines(path: str | Path) -> pl.DataFrame:
         raise DataError(f"{path}: line {row['line']}: duplicate user {row['user']!r} (first on line {first})")
     long = df.explode(["item", "order"])
     _check_integer_ids(path, long.select("line", tok="item"))
+    # The format's contract: item ids are positive integers (0 is padding elsewhere), user ids
+    # non-negative integers.
+    for column, lowest, kind in (("user", 0, "a non-negative"), ("item", 1, "a positive")):
+        ids = long.select("line", tok=column).filter(pl.col("tok").cast(pl.Int64) < lowest)
+        if ids.height:
+            row = ids.row(0, named=True)
+            raise DataError(f"{path}: line {row['line']}: {column} id {row['tok']} is not {kind} integer")
     return long.select(
         user=pl.col("user").cast(pl.Int64).cast(pl.Utf8),
         item=pl.col("item").cast(pl.Int64).cast(pl.Utf8),
@@ -258,8 +270,13 @@ def read_amazon(path: str | Path) -> pl.DataFrame:
             raise DataError(f"{path}: line {lineno}: unixReviewTime {t!r} is not an integer")
         try:
             t_int = int(t)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise DataError(f"{path}: line {lineno}: unixReviewTime {t!r} is not an integer") from None
+        if not 0 <= t_int < 2**62:
+            raise DataError(f"{path}: line {lineno}: unixReviewTime {t!r} is not a plausible Unix time")
+        for name, value in (("reviewerID", user), ("asin", item)):
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise DataError(f"{path}: line {lineno}: {name} {value!r} is not a string")
         if user in (None, "") or item in (None, ""):
             raise DataError(f"{path}: line {lineno}: empty reviewerID or asin")
         users.append(str(user))

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from raserec.errors import ConfigError
+
 
 class RankingMetrics(Metric):
     """Hit ratio and NDCG at several cut-offs (and MRR truncated at the largest cut-off)."""
@@ -22,7 +24,7 @@ class RankingMetrics(Metric):
     def __init__(self, ks: Sequence[int] = (5, 10, 20, 50), **kwargs) -> None:
         super().__init__(**kwargs)
         if not ks or min(ks) < 1:
-            raise ValueError(f"cut-offs must be positive, got {ks}")
+            raise ConfigError(f"cut-offs must be positive, got {ks}")
         self.ks = sorted(set(int(k) for k in ks))
         self.add_state("hist", default=torch.zeros(self.ks[-1], dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from raserec.data.batch import SequenceBatch
+from raserec.errors import ConfigError, TrainingError
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.ranking import target_ranks, top_items
 
@@ -64,6 +65,23 @@ class RecommenderModule(L.LightningModule):
 
     def scores(self, batch: SequenceBatch) -> Tensor:
         return self.user_representation(batch) @ self.item_weights().T
+
+    def setup(self, stage: str) -> None:
+        """Refuse data whose sequences are longer than the encoder can read (``data.max_len``
+        and the encoder's ``max_len`` are set separately), before any training or evaluation."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        encoder = getattr(self, "encoder", None)
+        limit = getattr(encoder, "max_len", None)
+        if dm is not None and isinstance(limit, int) and getattr(dm, "max_len", 0) > limit:
+            raise ConfigError(f"data.max_len {dm.max_len} exceeds the encoder's max_len {limit}: set them equal "
+                              f"(or data.max_len lower)")
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        # A NaN/inf loss would train garbage for hours and end in an unrelated error: stop here.
+        if not bool(torch.isfinite(loss.detach())):
+            raise TrainingError(f"the training loss became {float(loss)} at epoch {self.current_epoch}, "
+                                f"step {self.global_step}; lower the learning rate or check the settings "
+                                "(temperature, lambda) and the data")
 
     def _history(self, batch: SequenceBatch) -> Tensor | None:
         return batch["input_ids"] if self.mask_history else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,6 +10,8 @@ import numpy as np
 import polars as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from raserec.outputs import check_output_file
 
 
 class TopNWriter(BasePredictionWriter):
@@ -25,9 +26,7 @@ class TopNWriter(BasePredictionWriter):
 
     def __init__(self, output: str = "predictions.csv") -> None:
         super().__init__(write_interval="epoch")
-        self.output = Path(output)
-        if self.output.suffix not in (".csv", ".parquet"):
-            raise ValueError(f"prediction output must end in .csv or .parquet, got {output!r}")
+        self.output = check_output_file(output, "prediction output", (".csv", ".parquet"))
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any] | None) -> None:

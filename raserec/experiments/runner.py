@@ -11,6 +11,8 @@ that command). Layout, for ``--name beauty_raserec``::
         ...
         summary.json, summary.md       mean +- std over seeds, paired tests, paper rows
     results/beauty_raserec.json        the summary in the results-file format (README table)
+        seed_2024/encoder.pt           the stage-1 encoder record (a few MB, committed): stage 2, the
+                                       analyses and predict re-run from it without re-training stage 1
     runs/beauty_raserec/seed_2024/{pretrain,finetune}/...   checkpoints and logs (not committed)
 
 A stage is skipped when its results file exists; an interrupted stage resumes from its
@@ -90,6 +92,16 @@ class ExperimentSpec:
     def ranks_file(self, seed: int) -> Path:
         return self.seed_dir(seed) / "ranks_test.npz"
 
+    def encoder_record(self, seed: int) -> Path:
+        """The stage-1 encoder, exported beside the results (kept in the repository)."""
+        return self.seed_dir(seed) / "encoder.pt"
+
+    def stage1_encoder(self, seed: int) -> Path:
+        """What stage 2 loads: the stage-1 best checkpoint, or (on a machine without ``runs/``)
+        the exported encoder record."""
+        best = self.checkpoint(seed, "pretrain")
+        return best if best.is_file() else self.encoder_record(seed)
+
 
 def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
     """The ``raserec fit`` arguments of one stage (without the program name)."""
@@ -108,7 +120,7 @@ def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
         "--trainer.enable_progress_bar", "false",
     ]
     if stage == "finetune":
-        args += ["--model.init_args.encoder_checkpoint", str(spec.checkpoint(seed, "pretrain"))]
+        args += ["--model.init_args.encoder_checkpoint", str(spec.stage1_encoder(seed))]
     args += spec.extra_args
     last = spec.checkpoint(seed, stage, "last")
     if last.is_file():  # interrupted earlier: continue from where it stopped
@@ -134,6 +146,22 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
     if not spec.stage_results(seed, stage).is_file():
         raise RaserecError(f"{spec.name}: stage {stage} of seed {seed} finished without writing "
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
+    if stage == "pretrain":
+        export_encoder(spec, seed)
+
+
+def export_encoder(spec: ExperimentSpec, seed: int) -> Path | None:
+    """Write the stage-1 best encoder as a standalone record (weights, class, data fingerprint,
+    weight hash) to ``results/<name>/seed_<s>/encoder.pt``, if not there yet."""
+    from raserec.checkpoint import load_encoder, save_encoder
+
+    target, best = spec.encoder_record(seed), spec.checkpoint(seed, "pretrain")
+    if target.is_file() or not best.is_file():
+        return None
+    encoder, data = load_encoder(best)
+    save_encoder(encoder, target, {**data, "exported_from": str(best)})
+    log.info("exported the stage-1 encoder to %s", target)
+    return target
 
 
 def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
@@ -174,6 +202,8 @@ def run(spec: ExperimentSpec) -> dict:
                 else spec.stage_results(seed, stage).is_file()
             if done:
                 print(f"{prefix}: done earlier, skipped", flush=True)
+                if stage == "pretrain":
+                    export_encoder(spec, seed)
                 continue
             start = time.perf_counter()
             print(f"{prefix}: running", flush=True)

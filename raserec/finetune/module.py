@@ -13,9 +13,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raserec.checkpoint import RECORD_KEY, encoder_record, load_encoder_for, trust_encoder_module
+from raserec.checkpoint import (
+    RECORD_KEY,
+    check_same_data,
+    encoder_record,
+    load_encoder_for,
+    trust_encoder_module,
+)
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, RaserecError
+from raserec.errors import CheckpointError, ConfigError, RaserecError, check, check_optimizer
 from raserec.evaluation.module import RecommenderModule
 from raserec.finetune.ram import RetrievalAugmentedModule, holds_residual_block
 from raserec.memory.bank import IndexConfig, MemoryBank
@@ -67,6 +73,9 @@ class RAFTModule(RecommenderModule):
             a float applies RecBole's normal(0, std) (the earlier block used 0.02).
         lr: Adam learning rate (RAM parameters only).
         weight_decay: Adam weight decay.
+        allow_other_data: use the encoder even with data other than it was pre-trained on (same
+            item count, different content hash); refused by default, since item ids would
+            silently mean other items.
         metric_ks: cut-offs of HR@K and NDCG@K.
         mask_history: exclude already-seen items from the ranking.
         predict_top_n: items per user written by ``raserec predict``.
@@ -98,13 +107,19 @@ class RAFTModule(RecommenderModule):
         trusted_encoder_modules: Sequence[str] = (),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        allow_other_data: bool = False,
         metric_ks: Sequence[int] = (5, 10, 20, 50),
         mask_history: bool = False,
         predict_top_n: int = 10,
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
+        check_optimizer(lr, weight_decay)
+        check(bank_batch_size >= 1, f"bank_batch_size must be >= 1, got {bank_batch_size}")
+        check(0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0, f"alpha and beta must lie in [0, 1], got alpha={alpha}, "
+                                                          f"beta={beta}")
+        check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
         if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+            raise ConfigError(f"k must be >= 0, got {k}")
         self.save_hyperparameters()
         for prefix in trusted_encoder_modules:
             trust_encoder_module(prefix)
@@ -127,6 +142,7 @@ class RAFTModule(RecommenderModule):
         self.memory_bank: MemoryBank | None = None
         self.retrieval_seconds = 0.0  # time of the last search + filter + gather (for benchmarks)
         self._bank_callback: MemoryBankCallback | None = None
+        self._warned_small_bank = False
 
     # ---------------------------------------------------------------- frozen encoder
     def train(self, mode: bool = True) -> RAFTModule:
@@ -146,12 +162,9 @@ class RAFTModule(RecommenderModule):
         return [self._bank_callback]
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        expected = self.encoder_data.get("content_hash")
-        if dm is not None and hasattr(dm, "data") and expected and dm.data.content_hash() != expected:
-            log.warning("the data differ from the data the encoder was pre-trained on (content hash %s != %s); "
-                        "fine after append_interactions, otherwise check data_path", dm.data.content_hash()[:12],
-                        expected[:12])
+        super().setup(stage)
+        check_same_data(self.encoder_data, getattr(self.trainer, "datamodule", None),
+                        self.hparams.get("allow_other_data", False))
 
     # ---------------------------------------------------------------- forward
     def _bank(self) -> MemoryBank:
@@ -191,6 +204,10 @@ class RAFTModule(RecommenderModule):
             return h
         start = time.perf_counter()
         bank = self._bank()
+        if self.k > len(bank) and not self._warned_small_bank:
+            self._warned_small_bank = True
+            log.warning("k = %d memories per query, but the memory bank holds only %d entries: queries get at most "
+                        "%d (the rest are masked)", self.k, len(bank), len(bank))
         if bank_rows is not None and self.precompute_retrieval:
             all_rows, all_mask = bank.self_neighbours(self.k, progress=self._show_progress())
             rows, mask = torch.from_numpy(all_rows[bank_rows]), torch.from_numpy(all_mask[bank_rows])

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raserec.errors import ConfigError
 from raserec.models.encoders.base import init_weights
 from raserec.models.encoders.sasrec import FastDropout
 
@@ -43,7 +44,7 @@ class CrossAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float, residual: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_dropout = dropout
         self.query = nn.Linear(hidden_size, hidden_size)
@@ -130,9 +131,9 @@ class RetrievalAugmentedModule(nn.Module):
                  residual: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
+            raise ConfigError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+            raise ConfigError(f"depth must be >= 1, got {depth}")
         self.hidden_size = hidden_size
         self.alpha = float(alpha)
         self.beta = float(beta)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from raserec.checkpoint import state_fingerprint
 from raserec.data.batch import PairDataset
-from raserec.errors import CheckpointError
+from raserec.errors import CheckpointError, ConfigError
 from raserec.memory.faiss_import import faiss
 from raserec.models.encoders.base import SequenceEncoder
 
@@ -68,10 +68,10 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("ivf_flat", "flat", "ivf_pq"):
-            raise ValueError(f"unknown index kind {self.kind!r}; use ivf_flat, flat or ivf_pq")
+            raise ConfigError(f"unknown index kind {self.kind!r}; use ivf_flat, flat or ivf_pq")
         for name in ("nlist", "nprobe", "pq_m", "pq_bits", "overfetch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -209,7 +209,7 @@ class MemoryBank:
         kind, nlist = cfg.kind, cfg.nlist
         if kind == "ivf_pq":
             if d % cfg.pq_m:
-                raise ValueError(f"ivf_pq: pq_m={cfg.pq_m} does not divide the hidden size {d}")
+                raise ConfigError(f"ivf_pq: pq_m={cfg.pq_m} does not divide the hidden size {d}")
             needed = MIN_POINTS_PER_CENTROID * max(nlist, 2 ** cfg.pq_bits)
             if n < needed:
                 log.warning("memory bank: %d entries are too few to train ivf_pq (needs %d); using ivf_flat",

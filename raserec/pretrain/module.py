@@ -10,6 +10,7 @@ from torch import Tensor
 
 from raserec.checkpoint import RECORD_KEY, encoder_record
 from raserec.data.batch import PretrainBatch, SequenceBatch
+from raserec.errors import ConfigError, check, check_optimizer
 from raserec.evaluation.module import RecommenderModule
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.models.encoders.sasrec import SASRec
@@ -61,14 +62,17 @@ class PretrainModule(RecommenderModule):
         predict_top_n: int = 10,
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
+        check_optimizer(lr, weight_decay)
+        check(temperature > 0, f"temperature must be > 0 (it divides the similarities), got {temperature}")
+        check(lambda_ret >= 0, f"lambda_ret must be >= 0, got {lambda_ret}")
         if positive_pair not in ("none", "same_target", "dropout_and_same_target"):
-            raise ValueError(f"unknown positive_pair {positive_pair!r}")
+            raise ConfigError(f"unknown positive_pair {positive_pair!r}")
         self.save_hyperparameters(ignore=["encoder"])
         if objective not in ("next_item", "cloze"):
-            raise ValueError(f"unknown objective {objective!r}")
+            raise ConfigError(f"unknown objective {objective!r}")
         self.encoder = encoder(num_items)
         if objective == "cloze" and not callable(getattr(self.encoder, "cloze_loss", None)):
-            raise ValueError(f"objective 'cloze' needs an encoder with cloze_loss(); "
+            raise ConfigError(f"objective 'cloze' needs an encoder with cloze_loss(); "
                              f"{type(self.encoder).__name__} has none")
         self.objective = objective
         self.positive_pair = positive_pair

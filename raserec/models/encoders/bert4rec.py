@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raserec.errors import ConfigError
 from raserec.models.encoders.base import SequenceEncoder, init_weights
 from raserec.models.encoders.sasrec import FastDropout, SelfAttentionBlock
 
@@ -60,13 +61,13 @@ class BERT4Rec(SequenceEncoder):
         super().__init__()
         self.record_init_args(locals())
         if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+            raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
         if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (one history item + [mask]), got {max_len}")
+            raise ConfigError(f"max_len must be >= 2 (one history item + [mask]), got {max_len}")
         if not 0.0 < mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+            raise ConfigError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
         if not 0.0 <= ft_ratio <= 1.0:
-            raise ValueError(f"ft_ratio must be in [0, 1], got {ft_ratio}")
+            raise ConfigError(f"ft_ratio must be in [0, 1], got {ft_ratio}")
         self.hidden_size = hidden_size
         self.max_len = max_len
         self.mask_ratio = mask_ratio

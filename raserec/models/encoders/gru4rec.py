@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from raserec.errors import check_sizes
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.models.encoders.sasrec import FastDropout
 
@@ -52,8 +53,7 @@ class GRU4Rec(SequenceEncoder):
     ) -> None:
         super().__init__()
         self.record_init_args(locals())
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        check_sizes(num_items=num_items, hidden_size=hidden_size, max_len=max_len, num_layers=num_layers)
         self.hidden_size = hidden_size
         self.max_len = max_len
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raserec.errors import ConfigError, check_sizes
 from raserec.models.encoders.base import SequenceEncoder, init_weights
 
 
@@ -27,7 +28,7 @@ class FastDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
+            raise ConfigError(f"dropout must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
@@ -43,7 +44,7 @@ class SelfAttentionBlock(nn.Module):
                  eps: float) -> None:
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
@@ -172,8 +173,8 @@ class SASRec(SequenceEncoder):
     ) -> None:
         super().__init__()
         self.record_init_args(locals())
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        check_sizes(num_items=num_items, hidden_size=hidden_size, max_len=max_len, num_layers=num_layers,
+                    num_heads=num_heads, inner_size=inner_size)
         self.hidden_size = hidden_size
         self.max_len = max_len
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)

@@ -1,0 +1,35 @@
+"""Output files are checked before the work that produces them: a run must not train or predict
+for hours and then fail to write its result."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from raserec.errors import ConfigError
+
+
+def check_output_file(path: str | Path, what: str, suffixes: Sequence[str] | None = None) -> Path:
+    """Raise :class:`ConfigError` unless ``path`` can be written: an allowed suffix, not a
+    directory, every existing ancestor a directory, and the nearest existing one writable
+    (tried by creating and removing a temporary file, which also catches read-only mounts)."""
+    path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{what} {str(path)!r} must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} exists and is not writable")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what} {path}: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".raserec-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write in {ancestor} ({exc.strerror or exc})") from exc
+    return path
