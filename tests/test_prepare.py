@@ -393,3 +393,16 @@ def test_sweep_keeps_a_temporary_that_is_being_written(tmp_path: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         removed = prepare.sweep_stale_temporaries(tmp_path)
     assert removed == [dead] and busy.is_dir() and not dead.exists()
+
+
+def test_cr_only_line_endings_and_repeated_items(tmp_path: Path) -> None:
+    """Old-Mac CR-only files are read line by line (not as one user whose items include the user
+    ids); sparsity counts distinct (user, item) pairs, so repeats cannot make it negative."""
+    cr = tmp_path / "mac.txt"
+    cr.write_bytes(b"1 1 2 3\r2 2 3 4\r3 1 3 4\r")
+    stats = dataset_stats_for(cr)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (3, 4, 9)
+    repeats = tmp_path / "repeats.txt"
+    repeats.write_text("1 1 1 1 1 1\n2 1 1 1 1 1\n")  # 2 users x 1 item, 10 interactions
+    stats = dataset_stats_for(repeats)
+    assert stats["interactions"] == 10 and stats["sparsity"] == 0.0

@@ -453,3 +453,23 @@ def test_an_encoder_of_other_data_is_refused_unless_allowed(data_and_ckpt) -> No
     dm = _dm(data)
     dm.append_interactions(pl.DataFrame({"user": ["0", "1"], "item": ["3", "4"], "order": [10**6] * 2}))
     _trainer().validate(_module(ckpt), datamodule=dm)
+
+
+def test_non_finite_loss_stops_with_the_step_and_k_above_the_bank_warns(data_and_ckpt, caplog) -> None:
+    from raserec.errors import TrainingError
+
+    _, ckpt = data_and_ckpt
+    module = _module(ckpt, k=50)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 0, step 0"):
+        module.on_before_backward(torch.tensor(float("nan")))
+    module.on_before_backward(torch.tensor(1.5))  # finite: nothing happens
+    rng = np.random.default_rng(0)
+    module.memory_bank = MemoryBank.from_arrays(rng.normal(size=(30, 16)).astype(np.float32), np.arange(30),
+                                                np.full(30, 3), rng.integers(1, 50, 30))
+    h = torch.randn(4, 16)
+    with caplog.at_level("WARNING", logger="raserec.finetune.module"):
+        module.eval()
+        module.augment(h, torch.tensor([100, 101, 102, 103]), torch.tensor([5, 5, 5, 5]))
+        module.augment(h, torch.tensor([100, 101, 102, 103]), torch.tensor([5, 5, 5, 5]))
+    warnings = [r for r in caplog.records if "holds only 30 entries" in r.getMessage()]
+    assert len(warnings) == 1 and "k = 50" in warnings[0].getMessage()
