@@ -12,7 +12,7 @@ import torch
 from raserec.checkpoint import load_encoder
 from raserec.cli import main
 from raserec.evaluation.per_query import metrics_from_ranks
-from raserec.experiments.runner import ExperimentSpec, stage_command
+from raserec.experiments.runner import ExperimentSpec, restore_carried, stage_command
 from raserec.experiments.summary import paired_tests
 
 pytestmark = pytest.mark.slow
@@ -89,6 +89,17 @@ def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
     last.write_bytes(b"")
     args = stage_command(spec, 7, "pretrain")
     assert args[args.index("--ckpt_path") + 1] == str(last)
+    # on another machine (no runs/): checkpoints carried beside the results are restored first
+    carried_last, carried_best = spec.carried(7, "finetune", "last"), spec.carried(7, "finetune", "best")
+    carried_last.parent.mkdir(parents=True)
+    carried_last.write_bytes(b"last")
+    carried_best.write_bytes(b"best")
+    assert restore_carried(spec, 7, "finetune")
+    assert spec.checkpoint(7, "finetune", "last").read_bytes() == b"last"
+    assert spec.checkpoint(7, "finetune", "best").read_bytes() == b"best"
+    args = stage_command(spec, 7, "finetune")
+    assert args[args.index("--ckpt_path") + 1] == str(spec.checkpoint(7, "finetune", "last"))
+    assert not restore_carried(spec, 7, "finetune")  # nothing missing: nothing copied
     fine = stage_command(spec, 7, "finetune")
     # no stage-1 checkpoint on this machine (runs/ is not committed): the exported encoder record
     assert fine[fine.index("--model.init_args.encoder_checkpoint") + 1] == str(spec.encoder_record(7))

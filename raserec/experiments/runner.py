@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,11 @@ class ExperimentSpec:
     def ranks_file(self, seed: int) -> Path:
         return self.seed_dir(seed) / "ranks_test.npz"
 
+    def carried(self, seed: int, stage: str, which: str = "last") -> Path:
+        """A checkpoint of an unfinished stage carried to another machine beside the results
+        (``runs/`` is not committed): restored into ``runs/`` before the stage resumes."""
+        return self.seed_dir(seed) / f"{stage}_{which}.ckpt"
+
     def encoder_record(self, seed: int) -> Path:
         """The stage-1 encoder, exported beside the results (kept in the repository)."""
         return self.seed_dir(seed) / "encoder.pt"
@@ -128,7 +134,23 @@ def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
     return args
 
 
+def restore_carried(spec: ExperimentSpec, seed: int, stage: str) -> bool:
+    """Copy carried checkpoints (``results/<name>/seed_<s>/<stage>_{last,best}.ckpt``) into
+    ``runs/`` where they are missing, so the stage resumes instead of restarting."""
+    restored = False
+    for which in ("last", "best"):
+        src, dst = spec.carried(seed, stage, which), spec.checkpoint(seed, stage, which)
+        if src.is_file() and not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            restored = True
+    if restored:
+        log.info("seed %d, %s: resuming from checkpoints carried in %s", seed, stage, spec.seed_dir(seed))
+    return restored
+
+
 def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
+    restore_carried(spec, seed, stage)
     args = stage_command(spec, seed, stage)
     run_dir = spec.run_dir(seed, stage)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +168,8 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
     if not spec.stage_results(seed, stage).is_file():
         raise RaserecError(f"{spec.name}: stage {stage} of seed {seed} finished without writing "
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
+    for which in ("last", "best"):  # the stage is finished: carried checkpoints are no longer needed
+        spec.carried(seed, stage, which).unlink(missing_ok=True)
     if stage == "pretrain":
         export_encoder(spec, seed)
 
