@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from raserec.checkpoint import RECORD_KEY, check_same_data, load_weights_only
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError, ConfigError
-from raserec.evaluation.module import RecommenderModule
+from raserec.evaluation.module import RecommenderModule, check_fits_data
 from raserec.evaluation.writer import TopNWriter
 from raserec.results import ResultsWriter
 
@@ -144,11 +144,7 @@ class RaserecCLI(LightningCLI):
 
     def _check_model_fits_data(self) -> None:
         """Before the trainer writes anything: the data's sequences must fit the encoder."""
-        encoder = getattr(self.model, "encoder", None)
-        limit = getattr(encoder, "max_len", None)
-        if isinstance(limit, int) and self.datamodule is not None and self.datamodule.max_len > limit:
-            raise ConfigError(f"data.max_len {self.datamodule.max_len} exceeds the encoder's max_len {limit}: "
-                              "set them equal (or data.max_len lower)")
+        check_fits_data(self.model, self.datamodule)
         fingerprint = getattr(self.model, "encoder_data", None)
         if isinstance(fingerprint, dict):  # a frozen pre-trained encoder: it must be used on its own data
             check_same_data(fingerprint, self.datamodule, bool(self.model.hparams.get("allow_other_data", False)))

@@ -37,6 +37,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def check_fits_data(module: L.LightningModule, datamodule: Any) -> None:
+    """Raise :class:`ConfigError` when the data's sequences are longer than ``module.encoder`` reads."""
+    limit = getattr(getattr(module, "encoder", None), "max_len", None)
+    if datamodule is not None and isinstance(limit, int) and getattr(datamodule, "max_len", 0) > limit:
+        raise ConfigError(f"data.max_len {datamodule.max_len} exceeds the encoder's max_len {limit}: set them equal "
+                          f"(or data.max_len lower)")
+
+
 class RecommenderModule(L.LightningModule):
     """Validation/test/predict steps shared by pre-training and fine-tuning.
 
@@ -69,12 +77,7 @@ class RecommenderModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse data whose sequences are longer than the encoder can read (``data.max_len``
         and the encoder's ``max_len`` are set separately), before any training or evaluation."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        encoder = getattr(self, "encoder", None)
-        limit = getattr(encoder, "max_len", None)
-        if dm is not None and isinstance(limit, int) and getattr(dm, "max_len", 0) > limit:
-            raise ConfigError(f"data.max_len {dm.max_len} exceeds the encoder's max_len {limit}: set them equal "
-                              f"(or data.max_len lower)")
+        check_fits_data(self, getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
 
     def on_before_backward(self, loss: Tensor) -> None:
         # A NaN/inf loss would train garbage for hours and end in an unrelated error: stop here.
