@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     command, rest = argv[0], argv[1:]
+    from raserec.runtime import tune_allocator
+
+    tune_allocator()
     try:
         if command == "prepare":
             from raserec.data.prepare import prepare_main

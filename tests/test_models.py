@@ -117,3 +117,37 @@ def test_item_embeddings_override_equals_table_lookup() -> None:
     emb = model.item_embedding(ids)
     assert torch.allclose(model(ids, item_embeddings=emb), model(ids), atol=1e-6)
     assert not torch.allclose(model(ids, item_embeddings=emb * 2), model(ids), atol=1e-3)
+
+
+def test_training_attention_path_equals_eval_path_without_dropout() -> None:
+    # In training mode attention is written out (FastDropout's draw instead of SDPA's
+    # bernoulli_); with a keep probability of ~1 it must give SDPA's values and gradients, and
+    # the rows of the padded bucket grids whose keys are all padding must not put NaN in backward.
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32, dropout=0.0, attn_dropout=1e-12)
+    ids = _ids()
+    target = torch.randint(1, 51, (len(ids),))
+    grads = []
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad()
+        out = model(ids)
+        next_item_loss(out, model.item_weights(), target).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.isfinite(x).all() and torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+
+
+def test_attention_dropout_statistics() -> None:
+    # Uniform attention over w keys times v = identity exposes the dropped attention matrix.
+    torch.manual_seed(0)
+    block = SASRec(50, hidden_size=16, max_len=12, attn_dropout=0.5).blocks[0].train()
+    w = 40
+    q = torch.zeros(64, 2, w, 8)
+    v = torch.eye(w).expand(64, 2, w, w)
+    mask = torch.ones(64, 1, w, w, dtype=torch.bool)
+    attn = block._attend(q, q, v, mask)
+    assert abs((attn == 0).float().mean().item() - 0.5) < 0.01
+    assert abs(attn.mean().item() - 1 / w) < 0.01 / w
+    assert torch.allclose(block.eval()._attend(q, q, v, mask), torch.full_like(attn, 1 / w))

@@ -18,6 +18,7 @@ import torch
 from raserec.benchmarks.common import peak_rss_gb, save
 from raserec.data.datamodule import SequenceDataModule
 from raserec.pretrain.module import PretrainModule
+from raserec.runtime import tune_allocator
 
 RECBOLE = {"sasrec_epoch_s": 223.0, "usx_epoch_s": 614.0, "eval_s": 11.0}
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--batches", type=float, default=1.0, help="fraction of an epoch to time (1.0 = full)")
     args = parser.parse_args()
+    tune_allocator()
     dm = SequenceDataModule(args.data / "Beauty.txt", batch_size=args.batch_size, eval_batch_size=1024,
                             cache_dir=None)
     dm.setup("fit")

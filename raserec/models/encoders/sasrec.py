@@ -53,12 +53,18 @@ class SelfAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(hidden_size, inner_size), nn.GELU(), nn.Linear(inner_size, hidden_size))
         self.norm2 = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = FastDropout(dropout)
+        self.attn_drop = FastDropout(attn_dropout)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        # Rows whose keys are all masked (left padding) come out as zeros, never NaN.
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        if not self.training or self.attn_dropout == 0.0:
+            # Rows whose keys are all masked (left padding) come out as zeros, never NaN.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # Written out so the attention dropout is FastDropout's rand draw: on CPU, SDPA's
+        # bernoulli_ mask costs more than the attention arithmetic. A finite fill keeps rows
+        # whose keys are all padding finite (they are never read), so no NaN reaches backward.
+        scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
+        attn = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        return self.attn_drop(attn) @ v
 
     def _post(self, residual: Tensor, ctx: Tensor) -> Tensor:
         x = self.norm1(residual + self.dropout(self.out(ctx)))
@@ -80,15 +86,15 @@ class SelfAttentionBlock(nn.Module):
         parts = []
         for bucket in layout.buckets:
             n, w = bucket.rows.numel(), bucket.width
-            grid = qkv.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, qkv[bucket.tokens])
+            grid = qkv.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, qkv.index_select(0, bucket.tokens))
             q, k, v = grid.view(n, w, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
             if last_only:
                 parts.append(self._attend(q[:, :, -1:], k, v, bucket.mask[:, :, -1:]).reshape(n, d))
             else:
                 ctx = self._attend(q, k, v, bucket.mask).transpose(1, 2).reshape(n * w, d)
-                parts.append(ctx[bucket.grid_pos])
-        ctx = torch.cat(parts)[layout.row_inverse if last_only else layout.token_inverse]
-        residual = x[layout.last_token] if last_only else x
+                parts.append(ctx.index_select(0, bucket.grid_pos))
+        ctx = torch.cat(parts).index_select(0, layout.row_inverse if last_only else layout.token_inverse)
+        residual = x.index_select(0, layout.last_token) if last_only else x
         return self._post(residual, ctx)
 
 
