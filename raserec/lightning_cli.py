@@ -9,14 +9,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from raserec.checkpoint import RECORD_KEY, check_same_data, load_weights_only
+from raserec.checkpoint import RECORD_KEY, load_weights_only
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError, ConfigError
 from raserec.evaluation.module import RecommenderModule, check_fits_data
 from raserec.evaluation.writer import TopNWriter
+from raserec.finetune.frozen import FrozenEncoderMixin
 from raserec.results import ResultsWriter
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ class RaserecArgumentParser(LightningArgumentParser):
         words = self.prog.replace(" [options]", "").split()
         command = "raserec" + (f" {words[-1]}" if len(words) > 1 else "")
         raise ConfigError(f"{flat[:500]} (run `{command} --help` for the options)") from ex
+
+
+# The attribute docstrings of the typed configs (BankConfig, RAMConfig) are their --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class RaserecCLI(LightningCLI):
@@ -145,9 +151,8 @@ class RaserecCLI(LightningCLI):
     def _check_model_fits_data(self) -> None:
         """Before the trainer writes anything: the data's sequences must fit the encoder."""
         check_fits_data(self.model, self.datamodule)
-        fingerprint = getattr(self.model, "encoder_data", None)
-        if isinstance(fingerprint, dict):  # a frozen pre-trained encoder: it must be used on its own data
-            check_same_data(fingerprint, self.datamodule, bool(self.model.hparams.get("allow_other_data", False)))
+        if isinstance(self.model, FrozenEncoderMixin):  # a frozen pre-trained encoder: only on its own data
+            self.model.check_encoder_data(self.datamodule)
 
     def before_fit(self) -> None:
         self._check_model_fits_data()

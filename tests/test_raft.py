@@ -4,6 +4,7 @@ callback's rebuild policy, checkpoints and the CLI end to end on real Beauty."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -18,9 +19,10 @@ from raserec.cli import main
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError, RaserecError
 from raserec.finetune.module import RAFTModule
-from raserec.finetune.ram import RetrievalAugmentedModule
 from raserec.memory.bank import MemoryBank
 from raserec.memory.callback import MemoryBankCallback
+from raserec.memory.retriever import BankConfig
+from raserec.models.ram import RAMConfig, RetrievalAugmentedModule
 from tests.conftest import BEAUTY, require
 from tests.test_memory_bank import synthetic_data, synthetic_dm, tiny_encoder
 
@@ -135,12 +137,19 @@ def test_ram_keeps_pytorch_default_init_unless_init_std() -> None:
 
 
 # ----------------------------------------------------------------------------- module
+_BANK = {f.name for f in fields(BankConfig)}
+_RAM = {f.name for f in fields(RAMConfig)}
+
+
 def _module(ckpt: Path, **kwargs) -> RAFTModule:
-    return RAFTModule(encoder_checkpoint=str(ckpt), **{"nlist": 16, **kwargs})
+    """A RAFT module; bank and RAM settings may be given flat (``k=5``, ``alpha=1.0``)."""
+    bank = {"nlist": 16, **{k: kwargs.pop(k) for k in list(kwargs) if k in _BANK}}
+    ram = {k: kwargs.pop(k) for k in list(kwargs) if k in _RAM}
+    return RAFTModule(encoder_checkpoint=str(ckpt), bank=bank, ram=ram, **kwargs)
 
 
 def _attach_bank(module: RAFTModule, dm: SequenceDataModule) -> None:
-    module.memory_bank = MemoryBank.build(module.encoder, dm.dataset("train"), module.bank_config, progress=False)
+    module.retriever.build(dm.dataset("train"))
 
 
 def test_alpha_one_and_k_zero_give_the_pretrained_scores(data_and_ckpt) -> None:
@@ -158,10 +167,10 @@ def test_alpha_one_and_k_zero_give_the_pretrained_scores(data_and_ckpt) -> None:
         assert torch.equal(scores, expected) == (kwargs != {"alpha": 0.5}), kwargs
     # an empty bank: nothing to retrieve, h~ = h
     module = _module(ckpt).eval()
-    module.memory_bank = MemoryBank(encoder.hidden_size)
+    module.retriever.bank = MemoryBank(encoder.hidden_size)
     with torch.no_grad():
         assert torch.equal(module.scores(batch), expected)
-    module.memory_bank = None
+    module.retriever.bank = None
     with pytest.raises(RaserecError, match="no memory bank"):
         module.scores(batch)
 
@@ -197,14 +206,14 @@ def test_raft_epoch_trains_only_ram(data_and_ckpt) -> None:
     assert not any(p.requires_grad for p in module.encoder.parameters())
     changed = [n for n, t in module.ram.state_dict().items() if not torch.equal(t, ram_before[n])]
     assert len(changed) > 10  # the RAM did learn
-    # the reused bank h equals a fresh encoder pass (what reuse_bank_h relies on)
+    # the reused bank h equals a fresh encoder pass (what bank.reuse_h relies on)
     batch = dm.dataset("train").__getitems__(list(range(100)))
     with torch.no_grad():
         direct = module.encoder(batch["input_ids"])
     module.train()  # whoever switches the module to training mode, the encoder's dropout stays off
     assert module.ram.training and not module.encoder.training
     assert not any(m.training for m in module.encoder.modules())
-    torch.testing.assert_close(module.query_representation(batch), direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.retriever.stored_h(module.retriever.bank_rows(batch), "cpu"), direct, atol=1e-5, rtol=1e-5)
 
 
 def test_callback_rebuilds_exactly_when_the_reference_set_changes(data_and_ckpt) -> None:
@@ -216,25 +225,25 @@ def test_callback_rebuilds_exactly_when_the_reference_set_changes(data_and_ckpt)
     callback = module.bank_callback
     assert isinstance(callback, MemoryBankCallback) and callback in trainer.callbacks
     assert callback.num_builds == 1  # fit start; validation uses the same reference set
-    assert len(module.memory_bank) == len(dm.pairs("train"))
+    assert len(module.retriever.bank) == len(dm.pairs("train"))
     trainer.test(module, datamodule=dm)
     assert callback.num_builds == 2  # test adds the validation pairs
-    assert len(module.memory_bank) == len(dm.pairs("train")) + len(dm.pairs("val"))
-    assert module.memory_bank.reference_version == dm.reference_version("test")
+    assert len(module.retriever.bank) == len(dm.pairs("train")) + len(dm.pairs("val"))
+    assert module.retriever.bank.reference_version == dm.reference_version("test")
     trainer.test(module, datamodule=dm)
     assert callback.num_builds == 2  # nothing changed: no rebuild
     trainer.validate(module, datamodule=dm)
     assert callback.num_builds == 3  # back to the training pairs: validation must not see its own pairs
-    assert len(module.memory_bank) == len(dm.pairs("train"))
+    assert len(module.retriever.bank) == len(dm.pairs("train"))
     trainer.validate(module, datamodule=dm)
     assert callback.num_builds == 3
     users = [str(u) for u in range(5)]
     dm.append_interactions(pl.DataFrame({"user": users, "item": ["1", "2", "3", "4", "5"], "order": [10**6] * 5}))
     trainer.validate(module, datamodule=dm)
     assert callback.num_builds == 4  # new data: new reference set, same frozen encoder
-    assert len(module.memory_bank) == len(dm.pairs("train"))
+    assert len(module.retriever.bank) == len(dm.pairs("train"))
     trainer.predict(module, datamodule=dm)
-    assert callback.num_builds == 5 and len(module.memory_bank) == sum(
+    assert callback.num_builds == 5 and len(module.retriever.bank) == sum(
         len(dm.pairs(s)) for s in ("train", "val", "test"))
     assert [stage for stage, _, _ in callback.history] == ["fit", "test", "fit", "fit", "predict"]
 
@@ -255,21 +264,21 @@ def test_callback_save_dir_reuses_matching_banks_only(data_and_ckpt, tmp_path: P
     data, ckpt = data_and_ckpt
     dm = _dm(data)
     _trainer_run = lambda m: _trainer().validate(m, datamodule=dm)  # noqa: E731
-    first = _module(ckpt, bank_save_dir=str(tmp_path))
+    first = _module(ckpt, save_dir=str(tmp_path))
     _trainer_run(first)
     assert first.bank_callback.num_builds == 1
     assert (tmp_path / dm.reference_version("fit") / "manifest.json").is_file()
-    second = _module(ckpt, bank_save_dir=str(tmp_path))
+    second = _module(ckpt, save_dir=str(tmp_path))
     _trainer_run(second)
     assert second.bank_callback.num_builds == 0 and second.bank_callback.num_loads == 1
     b = dm.pairs("val")
-    r1, m1 = first.memory_bank.search(first.memory_bank.h[:50], b.user[:50], b.end[:50], 5)
-    r2, m2 = second.memory_bank.search(second.memory_bank.h[:50], b.user[:50], b.end[:50], 5)
+    r1, m1 = first.retriever.bank.search(first.retriever.bank.h[:50], b.user[:50], b.end[:50], 5)
+    r2, m2 = second.retriever.bank.search(second.retriever.bank.h[:50], b.user[:50], b.end[:50], 5)
     assert torch.equal(r1, r2) and torch.equal(m1, m2)
     # another encoder: the saved bank is stale, detected and rebuilt (never used)
     other = tmp_path / "other.pt"
     save_encoder(tiny_encoder(data.num_items, seed=5), other)
-    third = _module(other, bank_save_dir=str(tmp_path))
+    third = _module(other, save_dir=str(tmp_path))
     _trainer_run(third)
     assert third.bank_callback.num_builds == 1 and third.bank_callback.num_loads == 0
     with pytest.raises(CheckpointError, match="stale"):
@@ -304,7 +313,9 @@ def test_cli_fit_test_predict(beauty_encoder_ckpt: Path, tmp_path: Path) -> None
     best = tmp_path / "ckpt" / "best.ckpt"
     blob = torch.load(best, map_location="cpu", weights_only=True)
     assert RECORD_KEY in blob and not any("faiss" in k or "memory_bank" in k for k in blob["state_dict"])
-    assert blob["hyper_parameters"]["k"] == 20 and blob["hyper_parameters"]["num_items"] == 12_101
+    hp = blob["hyper_parameters"]  # typed configs are stored as plain dicts (weights-only loading)
+    assert type(hp["bank"]) is dict and hp["bank"]["k"] == 20 and hp["ram"]["alpha"] == 0.5
+    assert hp["num_items"] == 12_101
     # test and predict from the RAFT checkpoint: the bank is rebuilt first
     rc = main(["test", *cfg, *_overrides(tmp_path, beauty_encoder_ckpt), "--ckpt_path", str(best),
                "--results.path", str(tmp_path / "again.json"), "--trainer.limit_test_batches", "2"])
@@ -374,13 +385,13 @@ def test_raft_configs_hold_the_paper_settings() -> None:
         args = cfg["model"]["init_args"]
         assert cfg["model"]["class_path"] == "raserec.finetune.module.RAFTModule"
         assert args["encoder_checkpoint"] == f"runs/{name}_pretrain/checkpoints/best.ckpt"
-        assert (args["k"], args["alpha"], args["beta"], args["nlist"], args["nprobe"]) == (20, 0.5, 1.0, 128, 1)
-        assert args["lr"] == 0.001 and args["dropout"] == 0.5 and args["index"] == "ivf_flat"
+        bank, ram = args["bank"], args["ram"]
+        assert (bank["k"], ram["alpha"], ram["beta"], bank["nlist"], bank["nprobe"]) == (20, 0.5, 1.0, 128, 1)
+        assert args["lr"] == 0.001 and ram["dropout"] == 0.5 and bank["index"] == "ivf_flat"
         assert cfg["data"]["batch_size"] == 1024 and cfg["trainer"]["max_epochs"] == 100
         assert cfg["early_stopping"]["patience"] == 10 and cfg["data"]["data_path"].endswith(data)
         assert cfg["results"]["path"] == f"results/{name}_raft.json"
         assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{name}_raft"
-        assert np.isclose(args["alpha"], 0.5)
 
 
 # ----------------------------------------------------------------------------- precomputed retrieval
@@ -395,7 +406,7 @@ def test_precomputed_retrieval_equals_per_batch_search_on_real_data(beauty_slice
                                                          "content_hash": dm.data.content_hash()})
     module = _module(ckpt)
     _attach_bank(module, dm)
-    bank = module.memory_bank
+    bank = module.retriever.bank
     assert len(bank) > 5000
     rows, mask = bank.self_neighbours(20)
     pairs = dm.pairs("train")
@@ -410,7 +421,7 @@ def test_precomputed_retrieval_equals_per_batch_search_on_real_data(beauty_slice
     outcomes = []
     for precompute in (True, False):
         L.seed_everything(7)
-        module = _module(ckpt, precompute_retrieval=precompute)
+        module = _module(ckpt, precompute=precompute)
         trainer = _trainer(max_epochs=2, limit_train_batches=None, limit_val_batches=None, limit_test_batches=None)
         trainer.fit(module, datamodule=dm)
         metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -422,22 +433,21 @@ def test_precomputed_retrieval_equals_per_batch_search_on_real_data(beauty_slice
         assert value == metrics_b[key], key
 
 
-def test_checkpoints_of_the_residual_block_still_load(data_and_ckpt) -> None:
-    """A RAFT checkpoint written before ``ram_residual`` existed holds the residual block: it is
-    rebuilt as such on load; a checkpoint that records a different block is refused."""
+def test_ram_block_round_trips_and_a_mismatching_block_is_refused(data_and_ckpt, tmp_path) -> None:
+    """The typed RAM settings travel as a plain dict in the checkpoint and rebuild the same block;
+    RAM weights of the other block are refused with a clear error."""
     _, ckpt = data_and_ckpt
-    old = _module(ckpt, ram_residual=True, ram_init_std=0.02)
-    hparams = {k: v for k, v in old.hparams.items() if k not in ("ram_residual", "ram_init_std")}
-    checkpoint = {"state_dict": old.state_dict(), "hyper_parameters": hparams}
-    new = _module(ckpt)
-    assert not new.ram.residual
-    new.on_load_checkpoint(checkpoint)
-    new.load_state_dict(checkpoint["state_dict"])
-    assert new.ram.residual and new.hparams.ram_residual
+    old = _module(ckpt, residual=True, init_std=0.02)
+    assert old.hparams["ram"]["residual"] is True and old.hparams["bank"]["nlist"] == 16
+    path = tmp_path / "raft.ckpt"
+    torch.save({"state_dict": old.state_dict(), "hyper_parameters": dict(old.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    back = RAFTModule.load_from_checkpoint(path, encoder_checkpoint=str(ckpt), weights_only=True)
+    assert back.ram.residual and back.retriever.config == old.retriever.config
     for name, tensor in old.ram.state_dict().items():
-        assert torch.equal(tensor, new.ram.state_dict()[name])
-    checkpoint["hyper_parameters"] = dict(old.hparams)
-    with pytest.raises(CheckpointError, match="does not match ram_residual=False"):
+        assert torch.equal(tensor, back.ram.state_dict()[name])
+    checkpoint = {"state_dict": old.state_dict(), "hyper_parameters": dict(old.hparams)}
+    with pytest.raises(CheckpointError, match="does not match ram.residual=False"):
         _module(ckpt).on_load_checkpoint(checkpoint)
 
 
@@ -464,10 +474,10 @@ def test_non_finite_loss_stops_with_the_step_and_k_above_the_bank_warns(data_and
         module.on_before_backward(torch.tensor(float("nan")))
     module.on_before_backward(torch.tensor(1.5))  # finite: nothing happens
     rng = np.random.default_rng(0)
-    module.memory_bank = MemoryBank.from_arrays(rng.normal(size=(30, 16)).astype(np.float32), np.arange(30),
+    module.retriever.bank = MemoryBank.from_arrays(rng.normal(size=(30, 16)).astype(np.float32), np.arange(30),
                                                 np.full(30, 3), rng.integers(1, 50, 30))
     h = torch.randn(4, 16)
-    with caplog.at_level("WARNING", logger="raserec.finetune.module"):
+    with caplog.at_level("WARNING", logger="raserec.memory.retriever"):
         module.eval()
         module.augment(h, torch.tensor([100, 101, 102, 103]), torch.tensor([5, 5, 5, 5]))
         module.augment(h, torch.tensor([100, 101, 102, 103]), torch.tensor([5, 5, 5, 5]))

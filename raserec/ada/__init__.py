@@ -1,7 +1,7 @@
 """Ada-Retrieval (Li et al., AAAI 2024): multi-round adaptive retrieval around any encoder."""
 
-from raserec.ada.adapters import FilterLayer, ItemRepresentationAdapter, UserRepresentationAdapter
-from raserec.ada.model import AdaOutput, AdaRetrieval, items_mask, list_ranks
+from raserec.models.ada import AdaOutput, AdaRetrieval, items_mask, list_ranks
+from raserec.models.ada_adapters import FilterLayer, ItemRepresentationAdapter, UserRepresentationAdapter
 
 __all__ = [
     "AdaOutput",

@@ -12,23 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raserec.ada.model import AdaOutput, AdaRetrieval, list_ranks
-from raserec.checkpoint import (
-    RECORD_KEY,
-    check_same_data,
-    encoder_record,
-    load_encoder_for,
-    load_weights_only,
-)
+from raserec.checkpoint import RECORD_KEY, encoder_record, load_weights_only
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, ConfigError, RaserecError, check_optimizer
+from raserec.errors import CheckpointError, ConfigError, check_optimizer
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule
 from raserec.evaluation.ranking import target_ranks
-from raserec.finetune.ram import RetrievalAugmentedModule, holds_residual_block
-from raserec.memory.bank import IndexConfig, MemoryBank
+from raserec.finetune.frozen import FrozenEncoderMixin, freeze, load_frozen_encoder
 from raserec.memory.callback import MemoryBankCallback
+from raserec.memory.retriever import BankConfig, MemoryRetriever
+from raserec.models.ada import AdaOutput, AdaRetrieval, list_ranks
 from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.ram import RAMConfig, RetrievalAugmentedModule, holds_residual_block
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +56,7 @@ def sample_negatives(history: Tensor, target: Tensor, num_items: int, n: int,
     return r + 1 + torch.searchsorted(before, r, right=True)
 
 
-class AdaRetrievalModule(RecommenderModule):
+class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
     """Ada-Retrieval phase 2: backbone (from a pre-training checkpoint) + IRA + URA, trained
     jointly with sum_t lambda^(t-1) L_t and evaluated on the concatenated T x k list.
 
@@ -95,17 +90,14 @@ class AdaRetrievalModule(RecommenderModule):
             is never excluded at evaluation). Off in our main protocol.
         predict_top_n: items per user written by ``raserec predict`` (the list's first n, at most
             T * k).
-        memory_k: RaSeRec + Ada-Retrieval (no published system has it): > 0 retrieves this many
-            memories per query from a memory bank of the training pairs, keyed by a frozen copy
-            of the pre-trained backbone (as RaSeRec's), and a RAM mixes them into every round's
-            user representation u_t before it retrieves. 0 = plain Ada-Retrieval.
-        memory_alpha: RAM's alpha (weight of u_t itself).
-        memory_beta: RAM's beta (channel 1 vs channel 2).
+        bank: RaSeRec + Ada-Retrieval (no published system has it): ``bank.k`` > 0 retrieves
+            that many memories per query from a memory bank of the training pairs, keyed by a
+            frozen copy of the pre-trained backbone (as RaSeRec's), and a RAM mixes them into
+            every round's user representation u_t before it retrieves. ``k`` 0 (the default) =
+            plain Ada-Retrieval. See :class:`BankConfig`.
+        ram: that RAM (alpha = weight of u_t itself); see :class:`RAMConfig`.
         ram_checkpoint: initialise the RAM from a trained RAFT checkpoint (its ``ram.*`` weights;
             ``null``: fresh).
-        memory_index: faiss index of the memory bank.
-        memory_nlist: IVF lists.
-        memory_nprobe: IVF lists probed per query.
     """
 
     def __init__(
@@ -127,13 +119,9 @@ class AdaRetrievalModule(RecommenderModule):
         metric_ks: Sequence[int] = (20, 50),
         mask_history: bool = False,
         predict_top_n: int = 50,
-        memory_k: int = 0,
-        memory_alpha: float = 0.5,
-        memory_beta: float = 1.0,
+        bank: BankConfig = BankConfig(k=0),
+        ram: RAMConfig = RAMConfig(),
         ram_checkpoint: str | None = None,
-        memory_index: Literal["ivf_flat", "flat", "ivf_pq"] = "ivf_flat",
-        memory_nlist: int = 128,
-        memory_nprobe: int = 1,
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
         check_optimizer(lr, weight_decay)
@@ -141,12 +129,15 @@ class AdaRetrievalModule(RecommenderModule):
             raise ConfigError(f"loss must be 'bce' or 'ce', got {loss!r}")
         if num_negatives < 1:
             raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
+        bank, ram = BankConfig.of(bank), RAMConfig.of(ram)
         self.save_hyperparameters()
-        encoder, data_fingerprint = load_encoder_for(encoder_checkpoint, num_items)
+        self.hparams["bank"], self.hparams["ram"] = bank.as_dict(), ram.as_dict()
+        encoder, data_fingerprint = load_frozen_encoder(encoder_checkpoint, num_items)
+        encoder.requires_grad_(True).train()  # the backbone is fine-tuned here
         self.num_items = encoder.item_embedding.num_embeddings - 1
         self.encoder_data = data_fingerprint
         # The frozen pre-trained copy is the "Base" row of the paper's table 2.
-        self.base_encoder = copy.deepcopy(encoder).requires_grad_(False).eval() if evaluate_base else None
+        self.base_encoder = freeze(copy.deepcopy(encoder)) if evaluate_base else None
         self.model = AdaRetrieval(encoder, rounds=rounds, total_k=total_k, dropout=dropout,
                                   filter_per_round=filter_per_round)
         if max(metric_ks) > self.model.list_length:
@@ -159,68 +150,53 @@ class AdaRetrievalModule(RecommenderModule):
                              persistent=False)
         self.base_val_metrics = RankingMetrics(metric_ks)
         self.base_test_metrics = RankingMetrics(metric_ks)
-        if memory_k < 0:
-            raise ConfigError(f"memory_k must be >= 0, got {memory_k}")
-        self.memory_k = memory_k
         self.memory_encoder: SequenceEncoder | None = None
         self.ram: RetrievalAugmentedModule | None = None
-        self.memory_bank: MemoryBank | None = None
+        self.retriever: MemoryRetriever | None = None
         self._bank_callback: MemoryBankCallback | None = None
-        if memory_k > 0:
-            self.memory_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
-            self.ram = RetrievalAugmentedModule(encoder.hidden_size, alpha=memory_alpha, beta=memory_beta)
+        if bank.k > 0:
+            self.memory_encoder = freeze(copy.deepcopy(encoder))
+            self.ram = RetrievalAugmentedModule.from_config(encoder.hidden_size, ram)
             if ram_checkpoint is not None:
                 self._load_ram(ram_checkpoint)
-            self.bank_config = IndexConfig(kind=memory_index, nlist=memory_nlist, nprobe=memory_nprobe)
+            # Values v_k come from the backbone being fine-tuned, keys from the frozen copy.
+            self.retriever = MemoryRetriever(self.memory_encoder, bank, lambda ids: self.encoder.item_embedding(ids))
 
     @property
     def encoder(self) -> SequenceEncoder:
         """The backbone being fine-tuned."""
         return self.model.encoder
 
-    def train(self, mode: bool = True) -> AdaRetrievalModule:
-        super().train(mode)
-        for frozen in (self.base_encoder, self.memory_encoder):
-            if frozen is not None:
-                frozen.eval()  # Lightning calls train() every epoch: the frozen copies stay frozen
-        return self
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.base_encoder, self.memory_encoder) if m is not None]
 
     def _load_ram(self, path: str) -> None:
         blob = load_weights_only(path)
         state = {k.removeprefix("ram."): v for k, v in blob.get("state_dict", {}).items() if k.startswith("ram.")}
         if not state:
             raise CheckpointError(f"{path}: no RAM weights (ram.*); pass a RAFT checkpoint")
-        if holds_residual_block(state) != self.ram.residual:  # take the RAFT run's block as it is
-            self.ram = RetrievalAugmentedModule(self.ram.hidden_size, alpha=self.ram.alpha, beta=self.ram.beta,
-                                                residual=holds_residual_block(state))
+        if holds_residual_block(state) != self.ram.residual:
+            raise CheckpointError(f"{path}: its RAM block (residual={holds_residual_block(state)}) does not match "
+                                  f"ram.residual={self.ram.residual}")
         try:
             self.ram.load_state_dict(state)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: its RAM does not fit this one (alpha/beta/size): {exc}") from exc
 
     def configure_callbacks(self) -> list:
-        if self.memory_k == 0:
+        if self.retriever is None:
             return []
-        if self._bank_callback is None:  # one instance: its build counter spans fit and test
-            self._bank_callback = MemoryBankCallback(self.bank_config, encoder_attribute="memory_encoder")
+        if self._bank_callback is None:  # one instance for the module's lifetime
+            self._bank_callback = MemoryBankCallback(self.retriever)
         return [self._bank_callback]
 
     def _augmenter(self, batch: SequenceBatch):
         """RAM with this batch's K memories (retrieved once, shared by all rounds), or ``None``."""
-        if self.memory_k == 0:
+        if self.retriever is None:
             return None
-        if self.memory_bank is None:
-            raise RaserecError("memory_k > 0 needs a memory bank: run the module through a Trainer")
-        with torch.no_grad():
-            h = self.memory_encoder(batch["input_ids"])
-        h_k, targets, mask = self.memory_bank.retrieve(h, batch["user"], batch["end"], self.memory_k, self.device)
-        v_k = self.encoder.item_embedding(targets)
+        h = self.retriever.encode(batch["input_ids"])
+        h_k, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"])
         return lambda u: self.ram(u, h_k, v_k, mask)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        check_same_data(self.encoder_data, getattr(self.trainer, "datamodule", None),
-                        self.hparams.get("allow_other_data", False))
 
     # ---------------------------------------------------------------- forward
     def _exclude(self, batch: SequenceBatch, exempt_target: bool) -> Tensor | None:

@@ -1,6 +1,6 @@
 """What every ``raserec analyze`` command shares: equal-size grouping, per-group comparisons and
 writing the CSV + PNG + provenance JSON of a figure. Loading a RAFT checkpoint and ranking
-queries with and without augmentation live in :mod:`raserec.evaluation.per_query`."""
+queries with and without augmentation live in :mod:`raserec.analysis.evaluator`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from raserec.analysis.evaluator import Evaluator, load_raft
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import RaserecError
-from raserec.evaluation.per_query import Evaluator, load_raft, metrics_from_ranks
+from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.results import hardware, write_results
 
 #: Columns reported for every model variant.
@@ -125,7 +126,7 @@ def bar_line(table: pl.DataFrame, x: str, bars: dict[str, str], line: str | None
 
 def provenance(module, dm: SequenceDataModule, checkpoint: str | Path, **extra: Any) -> dict[str, Any]:
     return {"checkpoint": str(checkpoint), "data": str(dm.data_path), "dataset": dm.data_path.stem,
-            "k": module.k, "alpha": module.ram.alpha, "beta": module.ram.beta, **extra}
+            "k": module.retriever.k, "alpha": module.ram.alpha, "beta": module.ram.beta, **extra}
 
 
 __all__ = ["load_raft", "Evaluator", "equal_groups", "compare_groups", "Output", "bar_line", "figure", "METRICS",

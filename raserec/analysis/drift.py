@@ -17,10 +17,11 @@ import numpy as np
 import polars as pl
 
 from raserec.analysis.common import METRICS, bar_line
+from raserec.analysis.evaluator import Evaluator, load_raft
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData
 from raserec.errors import RaserecError
-from raserec.evaluation.per_query import Evaluator, build_bank, load_raft, metrics_from_ranks
+from raserec.evaluation.per_query import metrics_from_ranks
 
 
 def hold_out_recent(data: SequenceData, m: int) -> tuple[SequenceData, np.ndarray]:
@@ -80,8 +81,8 @@ def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path]
     dm_reduced = SequenceDataModule(**{k: v for k, v in dm.hparams.items() if not k.startswith("_")})
     dm_reduced.set_data(reduced)
     ev = Evaluator(module, dm, progress=progress)
-    stale = build_bank(module, dm_reduced, "test")
-    fresh = build_bank(module, dm, "test")
+    stale = ev.bank("test", dm_reduced)
+    fresh = ev.bank("test")
     variants = [
         ("encoder, trained without recent", ev.ranks(augmented=False)),
         ("RaSeRec, stale memory bank", ev.ranks(dm.dataset("test"), augmented=True, bank=stale)),

@@ -64,24 +64,24 @@ def memory_use(ev: Evaluator, seed: int) -> tuple[pl.DataFrame, object, dict]:
     bank = ev.test_bank()
     rng = np.random.default_rng(seed)
     h = encode_pairs(module.encoder, dataset, dm.eval_batch_size, progress=ev.progress)
-    rows, mask = (t.numpy() for t in bank.search(h, dataset.pairs.user, dataset.pairs.end, module.k))
+    rows, mask = (t.numpy() for t in bank.search(h, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
     kw = {"batch_size": dm.eval_batch_size, "mask_history": module.mask_history, "progress": ev.progress}
 
     def ranks_with(memory_rows: np.ndarray, memory_mask: np.ndarray, on: MemoryBank, desc: str) -> np.ndarray:
-        module.memory_bank = on
+        module.retriever.bank = on
         return query_ranks(fixed_memory_scores(module, memory_rows, memory_mask), dataset, desc=desc, **kw)
 
     perm = derangement(len(rows), rng)
     keep = rng.random(len(bank)) < 0.5
     half = MemoryBank.from_arrays(bank.h[keep], bank.users[keep], bank.ends[keep], bank.targets[keep], bank.config)
-    h_rows, h_mask = (t.numpy() for t in half.search(h, dataset.pairs.user, dataset.pairs.end, module.k))
+    h_rows, h_mask = (t.numpy() for t in half.search(h, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
     ranks = {
         "retrieved": ranks_with(rows, mask, bank, "ranking: retrieved"),
         "none": ev.ranks(augmented=False),
         "shuffled": ranks_with(rows[perm], mask[perm], bank, "ranking: shuffled"),
         "half_bank": ranks_with(h_rows, h_mask, half, "ranking: half bank"),
     }
-    module.memory_bank = bank
+    module.retriever.bank = bank
     memories = {"retrieved": mask.sum(1).mean(), "none": 0.0, "shuffled": mask[perm].sum(1).mean(),
                 "half_bank": h_mask.sum(1).mean()}
     bank_sizes = {"retrieved": len(bank), "none": 0, "shuffled": len(bank), "half_bank": len(half)}

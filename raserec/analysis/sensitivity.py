@@ -31,10 +31,10 @@ def _value(param: Param, value: float) -> float | int:
 
 def _eval_value(ev: Evaluator, param: Param, value: float) -> dict[str, float]:
     module = ev.module
-    saved = (module.k, module.ram.alpha, module.ram.beta)
+    saved = (module.retriever.k, module.ram.alpha, module.ram.beta)
     try:
         if param == "k":
-            module.k = int(value)
+            module.retriever.k = int(value)
         elif param == "alpha":
             if not 0.0 <= value <= 1.0:
                 raise RaserecError(f"alpha must lie in [0, 1], got {value}")
@@ -46,7 +46,7 @@ def _eval_value(ev: Evaluator, param: Param, value: float) -> dict[str, float]:
             module.ram.beta = float(value)
         return metrics_from_ranks(ev.ranks(ev.dm.dataset("test"), augmented=True, bank=ev.test_bank()), (5, 10))
     finally:
-        module.k, module.ram.alpha, module.ram.beta = saved
+        module.retriever.k, module.ram.alpha, module.ram.beta = saved
 
 
 def _retrain_value(ev: Evaluator, checkpoint: str, param: Param, value: float, epochs: int,
@@ -54,10 +54,11 @@ def _retrain_value(ev: Evaluator, checkpoint: str, param: Param, value: float, e
     from raserec.finetune.module import RAFTModule
 
     hp = {k: v for k, v in ev.module.hparams.items() if not k.startswith("_")}
-    hp.update({"encoder_checkpoint": str(checkpoint), param: _value(param, value)})
+    section = "bank" if param == "k" else "ram"  # K is a bank setting, alpha and beta RAM settings
+    hp.update({"encoder_checkpoint": str(checkpoint), section: {**hp[section], param: _value(param, value)}})
     L.seed_everything(seed, verbose=False)
     module = RAFTModule(**hp)
-    module.memory_bank = ev.fit_bank()  # same frozen encoder and reference set: the callback reuses it
+    module.retriever.bank = ev.fit_bank()  # same frozen encoder and reference set: the callback keeps it
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         num_sanity_val_steps=0, limit_train_batches=limit_train_batches,
                         enable_progress_bar=ev.progress, enable_model_summary=False, accelerator="cpu")

@@ -10,6 +10,7 @@ for these random-weight keys; a trained encoder's keys cluster more, which usual
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import statistics
@@ -46,7 +47,7 @@ def _time_build(encoder: SASRec, dm: SequenceDataModule) -> tuple[MemoryBank, di
 def _time_steps(module: RAFTModule, dm: SequenceDataModule, steps: int, batch_size: int,
                 reuse: bool) -> dict[str, float]:
     """Full RAFT training steps (forward incl. retrieval, CE loss, backward, Adam step)."""
-    module.reuse_bank_h = reuse
+    module.retriever.config = dataclasses.replace(module.retriever.config, reuse_h=reuse)
     module.train()
     optimizer = module.configure_optimizers()
     ds = dm.dataset("train")
@@ -62,7 +63,7 @@ def _time_steps(module: RAFTModule, dm: SequenceDataModule, steps: int, batch_si
         total = time.perf_counter() - start
         if i >= 2:
             totals.append(total)
-            retrievals.append(module.retrieval_seconds)
+            retrievals.append(module.retriever.retrieval_seconds)
     step, retrieval = statistics.median(totals), statistics.median(retrievals)
     return {"step_ms": round(1000 * step, 1), "retrieval_ms": round(1000 * retrieval, 1),
             "retrieval_overhead_pct": round(100 * retrieval / step, 1)}
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_encoder(encoder, Path(tmp) / "encoder.pt", {"num_items": dm.num_items})
         module = RAFTModule(num_items=dm.num_items, encoder_checkpoint=str(ckpt))
-    module.memory_bank = bank
+    module.retriever.bank = bank
     step = _time_steps(module, dm, args.steps, args.batch_size, reuse=True)
     print(f"RAFT step (query h from the bank): {step}", file=sys.stderr)
     step_encode = _time_steps(module, dm, args.steps, args.batch_size, reuse=False)
@@ -165,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         "build_seconds": build,
         **({"encode_seconds_by_torch_threads": by_threads} if by_threads else {}),
         "raft_step": {
-            "batch_size": args.batch_size, "k": module.k, "timed_steps": args.steps, "statistic": "median",
+            "batch_size": args.batch_size, "k": module.retriever.k, "timed_steps": args.steps, "statistic": "median",
             "query_h_from_bank": step,
             "query_h_reencoded": step_encode,
         },
         "recall_at_20_vs_flat": {"queries": args.recall_queries, "query_set": "validation queries, leakage-filtered",
                                  **recall},
         "targets": {"build_seconds": 10, "retrieval_overhead_pct": 15},
-        "notes": "retrieval = search + leakage filter + payload gather (RAFTModule.retrieval_seconds); "
+        "notes": "retrieval = search + leakage filter + payload gather (MemoryRetriever.retrieval_seconds); "
                  "step = forward incl. retrieval + full-softmax CE + backward + Adam. query_h_from_bank is "
-                 "the default (reuse_bank_h: the frozen encoder's h of a training query is its bank payload). "
+                 "the default (bank.reuse_h: the frozen encoder's h of a training query is its bank payload). "
                  "Timings vary with the host's load (recorded above); on a shared 2-core host torch with 2 "
                  "OpenMP threads can be several times slower than with 1 (see encode_seconds_by_torch_threads "
                  "when run with --compare-threads).",

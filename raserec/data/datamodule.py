@@ -158,8 +158,7 @@ class SequenceDataModule(L.LightningDataModule):
         return self._splits[split]
 
     def dataset(self, split: Literal["train", "val", "test", "predict"]) -> PairDataset:
-        data = self.data
-        return PairDataset(self.pairs(split), data.offsets, data.items, self.max_len)
+        return self.pair_dataset(self.pairs(split))
 
     def reference_pairs(self, stage: Stage = "fit") -> PairSet:
         """The <prefix, target> pairs a memory bank may hold at ``stage``.
@@ -173,6 +172,15 @@ class SequenceDataModule(L.LightningDataModule):
             if stage == "predict":
                 parts.append(self.pairs("test"))
         return PairSet.concat(*parts) if len(parts) > 1 else parts[0]
+
+    def reference_dataset(self, stage: Stage = "fit") -> PairDataset:
+        """:meth:`reference_pairs` as a dataset of padded prefixes (what a memory bank encodes)."""
+        return self.pair_dataset(self.reference_pairs(stage))
+
+    def pair_dataset(self, pairs: PairSet) -> PairDataset:
+        """Any pairs of this data (``[user, end)`` prefixes and targets) as padded sequences."""
+        data = self.data
+        return PairDataset(pairs, data.offsets, data.items, self.max_len)
 
     def reference_version(self, stage: Stage = "fit") -> str:
         """Changes whenever the reference set of ``stage`` changes (data or policy)."""

@@ -192,7 +192,8 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
     """Per-query test ranks of the pre-trained encoder and of the fine-tuned model, for the
     paired significance test and per-group analyses (RAFT fine-tuning only). The RAFT checkpoint
     embeds the frozen stage-1 encoder and records its data, so it alone gives both rankings."""
-    from raserec.evaluation.per_query import Evaluator, load_raft, metrics_from_ranks
+    from raserec.analysis.evaluator import Evaluator, load_raft
+    from raserec.evaluation.per_query import metrics_from_ranks
 
     config = json.loads(spec.stage_results(seed, "finetune").read_text())["config"]
     module, dm = load_raft(spec.checkpoint(seed, "finetune"), cache_dir=config["data"].get("cache_dir"))

@@ -9,18 +9,6 @@ from typing import Any
 from torch import Tensor, nn
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """RecBole's initialisation, for ``model.apply(partial(init_weights, std=...))``: Linear and
-    Embedding weights normal(0, std), Linear biases 0, LayerNorm weight 1 and bias 0."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.data.normal_(0.0, std)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        module.bias.data.zero_()
-    elif isinstance(module, nn.LayerNorm):
-        module.bias.data.zero_()
-        module.weight.data.fill_(1.0)
-
-
 class SequenceEncoder(nn.Module, ABC):
     """Maps left-padded item ids ``[B, T]`` (0 = padding, most recent item last) to a user
     representation ``[B, d]``. Owns the item embedding table ``[num_items + 1, d]``, which is

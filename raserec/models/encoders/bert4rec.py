@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raserec.errors import ConfigError
-from raserec.models.encoders.base import SequenceEncoder, init_weights
-from raserec.models.encoders.sasrec import FastDropout, SelfAttentionBlock
+from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.layers import FastDropout, SelfAttentionBlock, init_weights
 
 
 class BERT4Rec(SequenceEncoder):

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from raserec.errors import check_sizes
 from raserec.models.encoders.base import SequenceEncoder
-from raserec.models.encoders.sasrec import FastDropout
+from raserec.models.layers import FastDropout
 
 
 def right_align(x: Tensor, lengths: Tensor) -> Tensor:

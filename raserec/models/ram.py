@@ -25,16 +25,57 @@ converged encoder it learns ``h~ ~ 0.5 h + 0.5 LN(h)`` and barely uses the memor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raserec.errors import ConfigError
-from raserec.models.encoders.base import init_weights
-from raserec.models.encoders.sasrec import FastDropout
+from raserec.models.layers import FastDropout, init_weights
+from raserec.typed_config import coerce_config
+
+
+@dataclass(frozen=True)
+class RAMConfig:
+    """RAM, the module that mixes the retrieved memories into the user representation."""
+
+    alpha: float = 0.5
+    """Weight of h in h~ = alpha h + (1 - alpha) (beta c1 + (1 - beta) c2); 1 = the pre-trained model."""
+    beta: float = 1.0
+    """Weight of channel 1 (h_k -> v_k) against channel 2 (v_k -> h_k); a channel of weight 0 is not built."""
+    depth: int = 2
+    """Cross-attention layers per channel, with a feed-forward network between consecutive ones."""
+    num_heads: int = 2
+    """Attention heads."""
+    inner_size: int = 256
+    """Feed-forward inner size."""
+    dropout: float = 0.5
+    """Dropout on attention probabilities and sublayer outputs."""
+    residual: bool = False
+    """Wrap every cross-attention in a residual connection + LayerNorm (this project's earlier block,
+    an ablation); false = the authors' block."""
+    init_std: float | None = None
+    """null keeps PyTorch's default initialisation (the authors'); a float applies RecBole's normal(0, std)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"alpha and beta must lie in [0, 1], got alpha={self.alpha}, beta={self.beta}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
+
+    @classmethod
+    def of(cls, value: RAMConfig | Mapping[str, Any] | None) -> RAMConfig:
+        """An instance, a mapping (a checkpoint's hyper-parameters) or ``None`` (defaults)."""
+        return coerce_config(cls, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class CrossAttention(nn.Module):
@@ -143,6 +184,12 @@ class RetrievalAugmentedModule(nn.Module):
         self.channel2 = Channel(*args) if beta < 1.0 else None
         if init_std is not None:
             self.apply(partial(init_weights, std=init_std))
+
+    @classmethod
+    def from_config(cls, hidden_size: int, config: RAMConfig) -> RetrievalAugmentedModule:
+        return cls(hidden_size, alpha=config.alpha, beta=config.beta, depth=config.depth, num_heads=config.num_heads,
+                   inner_size=config.inner_size, dropout=config.dropout, residual=config.residual,
+                   init_std=config.init_std)
 
     def forward(self, h: Tensor, h_k: Tensor, v_k: Tensor, mask: Tensor) -> Tensor:
         """``h`` ``[B, d]``; ``h_k``, ``v_k`` ``[B, K, d]``; ``mask`` ``[B, K]`` -> h~ ``[B, d]``."""

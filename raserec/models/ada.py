@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from raserec.ada.adapters import ItemRepresentationAdapter, UserRepresentationAdapter
 from raserec.errors import ConfigError
+from raserec.models.ada_adapters import ItemRepresentationAdapter, UserRepresentationAdapter
 from raserec.models.encoders.base import SequenceEncoder
 
 

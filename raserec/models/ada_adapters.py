@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raserec.errors import ConfigError
-from raserec.models.encoders.sasrec import FastDropout
+from raserec.models.layers import FastDropout
 
 
 def _init_linear(module: nn.Module, std: float) -> None:
