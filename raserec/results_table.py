@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from raserec.evaluation.metrics import relative_change_pct
 from raserec.paper import ADA as ADA_PAPER
 from raserec.paper import RASEREC as PAPER
 
@@ -27,7 +28,7 @@ def mean_std(metrics: dict, key: str, with_std: bool = False) -> str:
 
 def relative_gain(new: float | None, old: float | None) -> str:
     """``+1.2%``: the change from ``old`` to ``new``; empty if either is missing or ``old`` is 0."""
-    return "" if new is None or not old else f"{100 * (new - old) / old:+.1f}%"
+    return "" if new is None or not old else f"{relative_change_pct(new, old):+.1f}%"
 
 
 def _fmt(value: float | None) -> str:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import lightning as L
 import polars as pl
 import pytest
 import torch
 
+from raserec.checkpoint import save_encoder
 from raserec.cli import main
 from raserec.errors import ConfigError
+from raserec.evaluation.module import RecommenderModule
+from raserec.finetune.frozen import FrozenEncoderMixin, load_frozen_encoder
+from raserec.memory.callback import MemoryBankCallback
 from raserec.memory.retriever import BankConfig, MemoryRetriever
+from raserec.models.losses import next_item_loss
 from raserec.models.ram import RAMConfig
 from tests.test_memory_bank import check_no_leakage, synthetic_dm, tiny_encoder
 
@@ -74,3 +80,52 @@ def test_typed_config_docstrings_are_the_cli_help(capsys) -> None:
     out = capsys.readouterr().out
     assert "--model.bank.k K" in out and "Memories retrieved per query (K)" in out
     assert "--model.ram.alpha ALPHA" in out and "Weight of h in h~" in out
+
+
+class MeanMemory(FrozenEncoderMixin, RecommenderModule):
+    """A new augmentation method composed from the component: h~ = h + g * mean(v_k), g learned."""
+
+    def __init__(self, encoder_checkpoint: str, k: int = 4) -> None:
+        super().__init__(metric_ks=(5, 10))
+        self.encoder, self.encoder_data = load_frozen_encoder(encoder_checkpoint, None)
+        self.retriever = MemoryRetriever(self.encoder, BankConfig(k=k, index="flat"), self.encoder.item_embedding)
+        self.gate = torch.nn.Parameter(torch.tensor(0.0))
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.encoder]
+
+    def configure_callbacks(self) -> list:
+        return [MemoryBankCallback(self.retriever, progress=False)]
+
+    def user_representation(self, batch):
+        h = self.retriever.encode(batch["input_ids"])
+        _, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"])
+        mean = (v_k * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return h + self.gate * mean
+
+    def item_weights(self):
+        return self.encoder.item_weights()
+
+    def training_step(self, batch, batch_idx):
+        return next_item_loss(self.user_representation(batch), self.item_weights(), batch["target"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.gate], lr=0.05)
+
+
+def test_a_new_augmentation_method_is_a_few_lines_on_the_component(tmp_path) -> None:
+    dm = synthetic_dm(batch_size=128, eval_batch_size=256)
+    dm.setup("fit")
+    ckpt = save_encoder(tiny_encoder(dm.num_items), tmp_path / "enc.pt",
+                        {"num_items": dm.num_items, "content_hash": dm.data.content_hash()})
+    module = MeanMemory(str(ckpt))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    assert module.gate.item() != 0.0 and not module.encoder.training
+    assert len(module.retriever.bank) == len(dm.pairs("train"))
+    metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
+    # the test bank adds the validation pairs (the dynamic bank), exactly as for RAFT
+    assert len(module.retriever.bank) == len(dm.pairs("train")) + len(dm.pairs("val"))
+    assert 0.0 <= metrics["test/NDCG@10"] <= metrics["test/HR@10"] <= 1.0
+    assert [stage for stage, _, what in module.retriever.history] == ["fit", "test"]

@@ -16,6 +16,7 @@ import polars as pl
 from raserec.analysis.evaluator import Evaluator, load_raft
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import RaserecError
+from raserec.evaluation.metrics import relative_change_pct
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.results import hardware, write_results
 
@@ -55,8 +56,7 @@ def compare_groups(group: np.ndarray, values: np.ndarray, value_name: str, base:
     return pl.DataFrame(rows)
 
 
-def _pct(new: float, old: float) -> float | None:
-    return None if old == 0 else 100.0 * (new - old) / old
+_pct = relative_change_pct
 
 
 @dataclass

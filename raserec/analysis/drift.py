@@ -21,6 +21,7 @@ from raserec.analysis.evaluator import Evaluator, load_raft
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData
 from raserec.errors import RaserecError
+from raserec.evaluation.metrics import relative_change_pct
 from raserec.evaluation.per_query import metrics_from_ranks
 
 
@@ -99,7 +100,7 @@ def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path]
         rows.append({"variant": name, **{k: m[k] for k in METRICS}})
     table = pl.DataFrame(rows)
     stale_ndcg = table.row(1, named=True)["NDCG@10"]
-    table = table.with_columns((100.0 * (pl.col("NDCG@10") - stale_ndcg) / stale_ndcg).alias("gain_NDCG@10_pct"))
+    table = table.with_columns(relative_change_pct(pl.col("NDCG@10"), stale_ndcg).alias("gain_NDCG@10_pct"))
     shown = table.with_columns(pl.Series("variant", [str(i + 1) for i in range(table.height)]))
     fig = bar_line(shown, "variant", {"HR@10": "HR@10", "NDCG@10": "NDCG@10"}, "gain_NDCG@10_pct",
                    f"Preference drift: last {holdout} items before validation held out\n"

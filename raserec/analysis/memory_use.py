@@ -19,6 +19,7 @@ import polars as pl
 import torch
 
 from raserec.analysis.common import METRICS, Evaluator, bar_line, metrics_from_ranks
+from raserec.evaluation.metrics import relative_change_pct
 from raserec.evaluation.per_query import ScoreFn, query_ranks
 from raserec.memory.bank import MemoryBank, encode_pairs
 
@@ -49,7 +50,7 @@ def fixed_memory_scores(module, rows: np.ndarray, mask: np.ndarray) -> ScoreFn:
         h = module.encoder(batch["input_ids"])
         if module.uses_retrieval:
             h = module.mix(h, torch.from_numpy(rows[idx]), torch.from_numpy(mask[idx]))
-        return h @ module.item_weights().T
+        return module.encoder.score(h)
 
     return score
 
@@ -92,7 +93,7 @@ def memory_use(ev: Evaluator, seed: int) -> tuple[pl.DataFrame, object, dict]:
         row = {"variant": name, "description": description, "bank_entries": bank_sizes[name],
                "memories_per_query": float(memories[name])}
         row.update({key: m[key] for key in METRICS})
-        row.update({f"change_{key}_pct": 100.0 * (m[key] - reference[key]) / reference[key] if reference[key] else None
+        row.update({f"change_{key}_pct": relative_change_pct(m[key], reference[key])
                     for key in ("HR@10", "NDCG@10")})
         table_rows.append(row)
     table = pl.DataFrame(table_rows)

@@ -10,6 +10,7 @@ import polars as pl
 
 from raserec.analysis.common import Evaluator, bar_line, metrics_from_ranks
 from raserec.errors import RaserecError
+from raserec.evaluation.metrics import relative_change_pct
 from raserec.memory.bank import MemoryBank
 
 #: Paper Table 7: S = prefix length < lo, M = lo..hi, L = > hi.
@@ -48,8 +49,8 @@ def partitions(ev: Evaluator, lo: int, hi: int) -> tuple[pl.DataFrame, object]:
     table = pl.DataFrame(rows)
     base = table.row(0, named=True)
     table = table.with_columns(
-        (100.0 * (pl.col("HR@5") - base["HR@5"]) / base["HR@5"]).alias("change_HR@5_pct"),
-        (100.0 * (pl.col("NDCG@5") - base["NDCG@5"]) / base["NDCG@5"]).alias("change_NDCG@5_pct"),
+        relative_change_pct(pl.col("HR@5"), base["HR@5"]).alias("change_HR@5_pct"),
+        relative_change_pct(pl.col("NDCG@5"), base["NDCG@5"]).alias("change_NDCG@5_pct"),
     )
     fig = bar_line(table, "partition", {"HR@5": "HR@5", "NDCG@5": "NDCG@5"}, "change_NDCG@5_pct",
                    f"Memory-bank partitions (S < {lo} <= M <= {hi} < L, by prefix length)", "metric",

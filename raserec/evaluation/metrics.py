@@ -15,6 +15,29 @@ from torchmetrics import Metric
 from raserec.errors import ConfigError
 
 
+def rank_gains(ranks: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
+    """HR@K (0/1) and NDCG@K of each 0-based target rank: the one formula of both the Lightning
+    metrics (:class:`RankingMetrics`, applied to its rank histogram) and the per-query metrics
+    (:func:`raserec.evaluation.per_query.per_query_metrics`). One relevant item, so
+    NDCG@K = 1 / log2(rank + 2) when rank < K, else 0."""
+    ranks = ranks.to(torch.float64)
+    gain = 1.0 / torch.log2(ranks + 2.0)
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"HR@{k}"] = hit.to(torch.float64)
+        out[f"NDCG@{k}"] = torch.where(hit, gain, torch.zeros_like(gain))
+    return out
+
+
+def relative_change_pct(new, old):
+    """``100 (new - old) / old``; ``None`` when ``old`` is a zero number (works on floats and on
+    polars expressions, where ``old`` is the baseline's value)."""
+    if isinstance(old, (int, float)) and old == 0:
+        return None
+    return 100.0 * (new - old) / old
+
+
 class RankingMetrics(Metric):
     """Hit ratio and NDCG at several cut-offs (and MRR truncated at the largest cut-off)."""
 
@@ -40,10 +63,7 @@ class RankingMetrics(Metric):
         n = self.total.clamp_min(1).double()
         hist = self.hist.double()
         positions = torch.arange(self.ks[-1], dtype=torch.float64, device=hist.device)
-        gain = 1.0 / torch.log2(positions + 2.0)
-        out: dict[str, Tensor] = {}
-        for k in self.ks:
-            out[f"HR@{k}"] = hist[:k].sum() / n
-            out[f"NDCG@{k}"] = (hist[:k] * gain[:k]).sum() / n
+        # Each histogram bin is the number of queries whose target sits at that rank.
+        out = {key: (hist * per_rank).sum() / n for key, per_rank in rank_gains(positions, self.ks).items()}
         out[f"MRR@{self.ks[-1]}"] = (hist / (positions + 1.0)).sum() / n
         return {k: v.float() for k, v in out.items()}

@@ -72,7 +72,7 @@ class RecommenderModule(L.LightningModule):
         """Candidate item embeddings, rows 1..N: ``[N, d]``."""
 
     def scores(self, batch: SequenceBatch) -> Tensor:
-        return self.user_representation(batch) @ self.item_weights().T
+        return self.user_representation(batch) @ self.item_weights().T  # the one scoring product
 
     def setup(self, stage: str) -> None:
         """Refuse data whose sequences are longer than the encoder can read (``data.max_len``

@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from raserec.data.batch import PairDataset, SequenceBatch
+from raserec.evaluation.metrics import rank_gains
 from raserec.evaluation.ranking import target_ranks
 from raserec.models.encoders.base import SequenceEncoder
 
@@ -41,7 +42,7 @@ def query_ranks(score_fn: ScoreFn, dataset: PairDataset, *, batch_size: int = 10
 def encoder_scores(encoder: SequenceEncoder) -> ScoreFn:
     """Scores of a plain (pre-trained) encoder: ``h @ item_weights.T`` in eval mode."""
     encoder.eval()
-    return lambda batch: encoder(batch["input_ids"]) @ encoder.item_weights().T
+    return lambda batch: encoder.score(encoder(batch["input_ids"]))
 
 
 def module_scores(module: torch.nn.Module) -> ScoreFn:
@@ -59,11 +60,5 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20, 50)) -
 
 def per_query_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20, 50)) -> dict[str, np.ndarray]:
     """HR@K (0/1) and NDCG@K of each query."""
-    ranks = np.asarray(ranks, dtype=np.int64)
-    gain = 1.0 / np.log2(ranks + 2.0)
-    out: dict[str, np.ndarray] = {}
-    for k in ks:
-        hit = ranks < k
-        out[f"HR@{k}"] = hit.astype(np.float64)
-        out[f"NDCG@{k}"] = np.where(hit, gain, 0.0)
-    return out
+    per = rank_gains(torch.from_numpy(np.asarray(ranks, dtype=np.int64)), ks)
+    return {key: value.numpy() for key, value in per.items()}
