@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from raserec.data.batch import PairDataset, SequenceBatch, passthrough
+from raserec.data.features import ItemFeatures, default_feature_path
 from raserec.data.positives import LonelyPolicy, SameTargetPositives
 from raserec.data.sequences import SequenceData
 from raserec.data.split import PairSet, predict_queries, test_queries, training_pairs, validation_queries
@@ -46,6 +47,10 @@ class SequenceDataModule(L.LightningDataModule):
             also holds the validation pairs (the authors' dynamic memory bank).
         shuffle: shuffle training pairs each epoch.
         seed: seed of the per-epoch positive draws.
+        item_features: item side information (JSON lines keyed by original item id, e.g.
+            ``../shared/data/Beauty.items.jsonl``): ``null`` = none, ``auto`` = the
+            ``<data file stem>.items.jsonl`` beside the data if it exists, or a path (which must
+            exist). Loaded lazily by :attr:`item_features` and cached with the dataset.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SequenceDataModule(L.LightningDataModule):
         include_validation_in_reference: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        item_features: str | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -92,6 +98,10 @@ class SequenceDataModule(L.LightningDataModule):
         self._splits: dict[str, PairSet] = {}
         self.positives: SameTargetPositives | None = None
         self.previous_content_hashes: set[str] = set()  # of the data before append_interactions
+        if item_features not in (None, "auto") and not Path(item_features).is_file():
+            raise DataError(f"{item_features}: no such item feature file (data.item_features)")
+        self.item_features_path = item_features
+        self._features: ItemFeatures | None = None
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -121,6 +131,7 @@ class SequenceDataModule(L.LightningDataModule):
         if np.any(data.lengths < 3):
             raise DataError("every user needs at least 3 interactions for a leave-one-out split")
         self._data = data
+        self._features = None  # realigned with the new item ids on next access
         train = training_pairs(data)
         if len(train) == 0:
             raise DataError(f"{self.data_path}: no training pairs (every user has exactly 3 items?)")
@@ -144,6 +155,18 @@ class SequenceDataModule(L.LightningDataModule):
         self.set_data(self.data.append(interactions))
 
     # ----------------------------------------------------------------- accessors
+    @property
+    def item_features(self) -> ItemFeatures | None:
+        """The item side information aligned with this data's item ids (``None`` if not configured,
+        or ``auto`` found no file)."""
+        if self._features is None and self.item_features_path is not None:
+            path = (default_feature_path(self.data_path) if self.item_features_path == "auto"
+                    else Path(self.item_features_path))
+            if self.item_features_path == "auto" and not path.is_file():
+                return None
+            self._features = ItemFeatures.load(path, self.data, cache_dir=self.cache_dir)
+        return self._features
+
     @property
     def data(self) -> SequenceData:
         return self._load()
