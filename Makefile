@@ -11,7 +11,7 @@ SCHEDULE ?= paper
 CFG := configs/$(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))
 EXPERIMENT := $(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))_raserec
 
-.PHONY: help install test lint bench clean results-table reproduce
+.PHONY: help install test lint bench bench-peer clean results-table reproduce
 
 help:  ## list every target
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -36,6 +36,15 @@ bench:  ## run the benchmarks, writing results/*_bench.json
 reproduce:  ## pre-train -> RAFT -> test over SEEDS for DATASET (beauty|sports|clothing), BACKBONE (sasrec|gru4rec|bert4rec); SCHEDULE=cpu_short for 3 epochs/stage; resumable
 	$(BIN)/raserec experiment --name $(EXPERIMENT) --pretrain $(CFG)_pretrain.yaml --finetune $(CFG)_raft.yaml \
 		--backbone $(BACKBONE) --seeds $(SEEDS) $(if $(filter cpu_short,$(SCHEDULE)),--overlay configs/cpu_short.yaml,)
+
+PEER_VENV ?= .venv-peer
+bench-peer:  ## RecBole 1.2.1 (own venv .venv-peer) timed right before ours -> results/peer_bench.json; not in make test
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/pip install --quiet numpy==1.26.4 pandas==2.1.4 scipy scikit-learn colorlog==4.7.2 \
+		colorama==0.4.4 pyyaml tqdm texttable tabulate tensorboard psutil thop plotly
+	$(PEER_VENV)/bin/pip install --quiet --no-deps recbole==1.2.1  # its ray pin is only for hyper-parameter search
+	$(BIN)/python -m raserec.benchmarks.peer_bench --data $(DATA) --peer-python $(PEER_VENV)/bin/python
 
 results-table:  ## regenerate the README results table from results/*.json
 	$(BIN)/python -m raserec.results_table --write README.md

@@ -1,0 +1,34 @@
+"""Pieces of the benchmark scripts that can be checked without timing anything."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raserec.benchmarks.bank_scale import build, nlist_for, recall, resample
+from raserec.benchmarks.peer_bench import write_atomic
+
+
+def test_peer_atomic_file_is_recbole_inter_format(tmp_path) -> None:
+    src = tmp_path / "d.txt"
+    src.write_text("1 5 6 7\n2 6 5\n")
+    path = write_atomic(src, tmp_path / "atomic", "D")
+    lines = path.read_text().splitlines()
+    assert path == tmp_path / "atomic" / "D" / "D.inter"
+    assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+    assert lines[1:] == ["1\t5\t0", "1\t6\t1", "1\t7\t2", "2\t6\t0", "2\t5\t1"]
+
+
+def test_bank_scale_keys_recall_and_sizes() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((500, 8)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    keys = resample(real, 1300, 0.05, rng)
+    assert keys.shape == (1300, 8) and np.array_equal(keys[:500], real)
+    assert np.allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-5)
+    assert nlist_for(131_413) == 2048 and nlist_for(1000) == 128 and nlist_for(10_000_000) == 4096
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert recall(np.array([[1, 2, 9, -1], [5, 6, 7, 8]]), exact) == 0.75
+    index, _, size = build("flat", keys)
+    assert size == 1300 * 8 * 4 and index.ntotal == 1300
+    _, found = index.search(keys[:10], 1)
+    assert found[:, 0].tolist() == list(range(10))  # every key is its own nearest neighbour
