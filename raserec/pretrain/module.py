@@ -14,7 +14,13 @@ from raserec.errors import ConfigError, check, check_optimizer
 from raserec.evaluation.module import RecommenderModule
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.models.encoders.sasrec import SASRec
-from raserec.models.losses import info_nce, next_item_loss
+from raserec.pretrain.objectives import (
+    Cloze,
+    NextItemCE,
+    Objective,
+    SameTargetInfoNCE,
+    objective_from_record,
+)
 
 #: ``none``: plain next-item training (SASRec baseline); ``same_target``: the paper's pair (the
 #: sequence and a same-target sequence); ``dropout_and_same_target``: the authors' DuoRec "us_x"
@@ -23,11 +29,23 @@ PositivePair = Literal["none", "same_target", "dropout_and_same_target"]
 
 #: ``next_item``: L_rec is the next-item cross-entropy of the user representation; ``cloze``: L_rec
 #: is the encoder's masked-item loss ``encoder.cloze_loss(input_ids, target)`` (BERT4Rec).
-Objective = Literal["next_item", "cloze"]
+Objective_ = Literal["next_item", "cloze"]
+
+
+def default_objectives(positive_pair: PositivePair, objective: Objective_, lambda_ret: float, temperature: float,
+                       similarity: Literal["dot", "cos"]) -> list[Objective]:
+    """The objectives the flat settings describe: L_rec (next-item CE or cloze), plus the
+    same-target InfoNCE weighted ``lambda_ret`` unless ``positive_pair`` is ``none`` or the weight 0."""
+    rec: Objective = Cloze() if objective == "cloze" else NextItemCE()
+    if positive_pair == "none" or lambda_ret == 0:
+        return [rec]
+    return [rec, SameTargetInfoNCE(lambda_ret, temperature, similarity,
+                                   dropout_view=positive_pair == "dropout_and_same_target")]
 
 
 class PretrainModule(RecommenderModule):
-    """Trains an encoder with L_rec + lambda * L_ret and saves it in a self-describing checkpoint.
+    """Trains an encoder with a weighted sum of objectives (L_rec + lambda * L_ret by default) and
+    saves it in a self-describing checkpoint.
 
     Args:
         num_items: number of real items (linked from the datamodule by the CLI).
@@ -39,6 +57,10 @@ class PretrainModule(RecommenderModule):
         lambda_ret: weight of L_ret.
         temperature: InfoNCE temperature tau.
         similarity: ``dot`` (the paper) or ``cos``.
+        objectives: the loss terms as objects (:mod:`raserec.pretrain.objectives`, e.g.
+            ``class_path: raserec.pretrain.objectives.SameTargetInfoNCE``); given, they replace
+            the ones ``positive_pair``, ``objective``, ``lambda_ret``, ``temperature`` and
+            ``similarity`` describe. A new objective is a new class.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         metric_ks: cut-offs of HR@K and NDCG@K.
@@ -51,10 +73,11 @@ class PretrainModule(RecommenderModule):
         num_items: int,
         encoder: Callable[[int], SequenceEncoder] = SASRec,
         positive_pair: PositivePair = "dropout_and_same_target",
-        objective: Objective = "next_item",
+        objective: Objective_ = "next_item",
         lambda_ret: float = 0.1,
         temperature: float = 1.0,
         similarity: Literal["dot", "cos"] = "dot",
+        objectives: list[Objective] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         metric_ks: Sequence[int] = (5, 10, 20, 50),
@@ -67,24 +90,31 @@ class PretrainModule(RecommenderModule):
         check(lambda_ret >= 0, f"lambda_ret must be >= 0, got {lambda_ret}")
         if positive_pair not in ("none", "same_target", "dropout_and_same_target"):
             raise ConfigError(f"unknown positive_pair {positive_pair!r}")
-        self.save_hyperparameters(ignore=["encoder"])
         if objective not in ("next_item", "cloze"):
             raise ConfigError(f"unknown objective {objective!r}")
+        if objectives is None:
+            objectives = default_objectives(positive_pair, objective, lambda_ret, temperature, similarity)
+        objectives = [objective_from_record(o) for o in objectives]
+        if not objectives:
+            raise ConfigError("objectives: at least one objective is needed")
+        names = [o.name for o in objectives]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"objectives: two terms share a log name ({names})")
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["objectives"] = [o.record() for o in objectives]  # plain data in the checkpoint
         self.encoder = encoder(num_items)
-        if objective == "cloze" and not callable(getattr(self.encoder, "cloze_loss", None)):
-            raise ConfigError(f"objective 'cloze' needs an encoder with cloze_loss(); "
-                             f"{type(self.encoder).__name__} has none")
-        self.objective = objective
-        self.positive_pair = positive_pair
-        self.lambda_ret = lambda_ret if positive_pair != "none" else 0.0
-        self.temperature = temperature
-        self.similarity = similarity
+        for o in objectives:
+            if isinstance(o, Cloze) and not callable(getattr(self.encoder, "cloze_loss", None)):
+                raise ConfigError(f"objective 'cloze' needs an encoder with cloze_loss(); "
+                                  f"{type(self.encoder).__name__} has none")
+        self.objectives = objectives
         self.lr = lr
         self.weight_decay = weight_decay
 
     @property
     def uses_positives(self) -> bool:
-        return self.lambda_ret > 0
+        """Whether training batches need same-target positives (the datamodule attaches them)."""
+        return any(o.needs_positives and o.weight > 0 for o in self.objectives)
 
     def user_representation(self, batch: SequenceBatch) -> Tensor:
         return self.encoder(batch["input_ids"])
@@ -93,39 +123,24 @@ class PretrainModule(RecommenderModule):
         return self.encoder.item_weights()
 
     def training_step(self, batch: PretrainBatch, batch_idx: int) -> Tensor:
-        ids = batch["input_ids"]
-        b = ids.size(0)
-        if not self.uses_positives:
-            loss = self._rec_loss(ids, batch["target"])
-            self.log("train/loss", loss, prog_bar=True, batch_size=b)
-            return loss
-        if "positive_ids" not in batch:
-            raise RuntimeError(
-                "positive_pair needs same-target positives: set `data.positives: true` in the config"
-            )
-        views = [ids, batch["positive_ids"]]
-        if self.positive_pair == "dropout_and_same_target" and self.objective == "next_item":
-            # An independent dropout pass of the same sequence. (With ``cloze`` L_rec does not
-            # use a pass of the sequence, so its one pass is already independent of L_rec.)
-            views.insert(1, ids)
-        # One encoder call for all views: dropout masks are drawn per row, so this equals
-        # separate passes, at a fraction of the overhead.
-        reprs = self.encoder(torch.cat(views)).split(b)
-        loss_rec = self._rec_loss(ids, batch["target"], reprs[0])
-        keep = batch["has_positive"]
-        loss_ret = info_nce(reprs[-2][keep], reprs[-1][keep], self.temperature, self.similarity)
-        loss = loss_rec + self.lambda_ret * loss_ret
-        self.log_dict(
-            {"train/loss": loss, "train/loss_rec": loss_rec, "train/loss_ret": loss_ret},
-            prog_bar=True, batch_size=b,
-        )
+        b = batch["input_ids"].size(0)
+        active = [o for o in self.objectives if o.weight > 0]
+        views: dict[str, Tensor] = {}
+        for o in active:
+            for name, ids in o.views(batch).items():
+                views.setdefault(name, ids)  # a shared view name shares its pass
+        reprs: dict[str, Tensor] = {}
+        if views:
+            # One encoder call for all views: dropout masks are drawn per row, so this equals
+            # separate passes, at a fraction of the overhead.
+            reprs = dict(zip(views, self.encoder(torch.cat(list(views.values()))).split(b), strict=True))
+        terms = {o.name: o.loss(self.encoder, batch, reprs) for o in active}
+        loss = sum(o.weight * terms[o.name] for o in active)
+        logged = {"train/loss": loss}
+        if len(terms) > 1:
+            logged.update({f"train/{name}": value for name, value in terms.items()})
+        self.log_dict(logged, prog_bar=True, batch_size=b)
         return loss
-
-    def _rec_loss(self, ids: Tensor, target: Tensor, h: Tensor | None = None) -> Tensor:
-        """L_rec of the batch; ``h`` is the sequences' representation when already computed."""
-        if self.objective == "cloze":
-            return self.encoder.cloze_loss(ids, target)
-        return next_item_loss(self.encoder(ids) if h is None else h, self.item_weights(), target)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
