@@ -128,13 +128,14 @@ def experiments_table(results_dir: Path) -> str:
 
 
 def analyses_table(results_dir: Path) -> str:
-    lines = ["| analysis | dataset | model checkpoint | wall time | hardware | command | files |", "|---|---|---|---|---|---|---|"]
+    lines = ["| analysis | dataset | model | model checkpoint | wall time | hardware | command | files |",
+             "|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("analysis/*/*.json")):
         r = json.loads(path.read_text())
         stem = Path(results_dir.name) / path.with_suffix("").relative_to(results_dir)
-        lines.append(f"| {r.get('analysis', stem.name)} | {r.get('dataset', '')} | {r.get('checkpoint', '')} | "
-                     f"{r.get('wall_time_s', 0):.0f} s | {r.get('hardware', '')} | `{r.get('command', '')}` | "
-                     f"{stem}.csv, .png |")
+        lines.append(f"| {r.get('analysis', stem.name)} | {r.get('dataset', '')} | {r.get('notes', '')} | "
+                     f"{r.get('checkpoint', '')} | {r.get('wall_time_s', 0):.0f} s | {r.get('hardware', '')} | "
+                     f"`{r.get('command', '')}` | {stem}.csv, .png |")
     return "\n".join(lines)
 
 
