@@ -26,7 +26,7 @@ class MemoryBankCallback(L.Callback):
 
     Args:
         retriever: the component whose bank this callback maintains.
-        progress: show a progress bar while encoding.
+        progress: show a progress bar while encoding (only when the trainer shows one).
     """
 
     def __init__(self, retriever: MemoryRetriever, progress: bool = True) -> None:
@@ -66,7 +66,8 @@ class MemoryBankCallback(L.Callback):
         if dm is None or not hasattr(dm, "reference_version"):
             raise RaserecError("the memory bank needs a SequenceDataModule (trainer.datamodule has no reference set)")
         bank, what = self.retriever.ensure(dm, stage, device=pl_module.device,
-                                           progress=self.progress and trainer.is_global_zero,
+                                           progress=self.progress and trainer.is_global_zero
+                                           and trainer.progress_bar_callback is not None,
                                            writer=trainer.is_global_zero)
         if what == "built":
             if trainer.logger is not None:
