@@ -388,3 +388,20 @@ def test_faiss_and_torch_work_together_in_a_fresh_process() -> None:
                           env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "1.0"
+
+
+def test_auto_index_is_chosen_by_bank_size() -> None:
+    from raserec.memory.bank import auto_index
+
+    assert auto_index(10_000) == ("flat", 0, 1)
+    assert auto_index(131_413) == ("ivf_flat", 2048, 8)
+    assert auto_index(10_000_000) == ("ivf_flat", 4096, 8)
+    assert auto_index(100_000_000)[0] == "ivf_pq"
+    rng = np.random.default_rng(0)
+    small = MemoryBank.from_arrays(rng.normal(size=(1000, 8)).astype(np.float32), np.arange(1000), np.full(1000, 3),
+                                   rng.integers(1, 50, 1000), IndexConfig(kind="auto"))
+    assert small.kind == "flat" and small.nlist == 0
+    n = 60_000
+    big = MemoryBank.from_arrays(rng.normal(size=(n, 8)).astype(np.float32), np.arange(n), np.full(n, 3),
+                                 rng.integers(1, 50, n), IndexConfig(kind="auto", nlist=16, nprobe=1))
+    assert (big.kind, big.nlist, big.nprobe) == ("ivf_flat", 1024, 8)  # the configured nlist/nprobe are ignored

@@ -17,7 +17,6 @@ otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from raserec.benchmarks.common import peak_rss_gb, save
 from raserec.checkpoint import load_encoder
 from raserec.data.datamodule import SequenceDataModule
-from raserec.memory.bank import _normalized, encode_pairs
+from raserec.memory.bank import _normalized, encode_pairs, ivf_nlist
 from raserec.memory.faiss_import import faiss
 
 K = 20
@@ -56,10 +55,7 @@ def resample(keys: np.ndarray, n: int, jitter: float, rng: np.random.Generator) 
     return out
 
 
-def nlist_for(n: int) -> int:
-    """4 sqrt(n) as a power of two, within [128 (the paper's), 4096] (k-means beyond that costs
-    more on two cores than the whole rest of the benchmark)."""
-    return min(4096, max(128, 2 ** round(math.log2(4 * math.sqrt(n)))))
+nlist_for = ivf_nlist  # the nlist of ``index: auto``
 
 
 def build(kind: str, keys: np.ndarray, pq_m: int = 8) -> tuple[object, float, int]:

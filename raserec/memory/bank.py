@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +32,7 @@ from raserec.models.encoders.base import SequenceEncoder
 
 log = logging.getLogger(__name__)
 
-IndexKind = Literal["ivf_flat", "flat", "ivf_pq"]
+IndexKind = Literal["ivf_flat", "flat", "ivf_pq", "auto"]
 #: faiss's rule of thumb: k-means wants at least this many training points per centroid (#414).
 MIN_POINTS_PER_CENTROID = 39
 FORMAT_VERSION = 1
@@ -44,8 +45,9 @@ class IndexConfig:
     """How the bank's faiss index is built and searched.
 
     Attributes:
-        kind: ``ivf_flat`` (the authors' IndexIVFFlat), ``flat`` (exact search) or ``ivf_pq``
-            (compressed, for large banks).
+        kind: ``ivf_flat`` (the authors' IndexIVFFlat), ``flat`` (exact search), ``ivf_pq``
+            (compressed, for large banks) or ``auto`` (kind, nlist and nprobe chosen by the
+            bank's size, :func:`auto_index`; ``nlist`` and ``nprobe`` here are then ignored).
         nlist: inverted lists (IVF centroids); shrunk when the bank is too small to train them.
         nprobe: lists visited per query (1 in the paper; higher = better recall, slower).
         pq_m: ``ivf_pq`` sub-quantizers (must divide the hidden size).
@@ -67,11 +69,37 @@ class IndexConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ivf_flat", "flat", "ivf_pq"):
-            raise ConfigError(f"unknown index kind {self.kind!r}; use ivf_flat, flat or ivf_pq")
+        if self.kind not in ("ivf_flat", "flat", "ivf_pq", "auto"):
+            raise ConfigError(f"unknown index kind {self.kind!r}; use ivf_flat, flat, ivf_pq or auto")
         for name in ("nlist", "nprobe", "pq_m", "pq_bits", "overfetch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+#: ``index: auto`` thresholds, from ``results/bank_scale.json`` (keys of the trained Beauty encoder,
+#: 2 cores): exact search costs 0.5 s per 1024 queries at 131k entries and 5 s at 1M, so it is
+#: kept for small banks only; IVF-Flat with nlist = 4 sqrt(n) and nprobe 8 reached recall@20 0.95
+#: at 131k (0.99 at 1M) for 16-34 ms per 1024 queries; IVF-PQ (8-byte codes) lost most of the
+#: recall (0.36-0.61), so it is chosen only where IVF-Flat no longer fits in memory.
+AUTO_FLAT_MAX = 50_000
+AUTO_IVF_FLAT_MAX = 50_000_000
+AUTO_NPROBE = 8
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF lists for ``n`` entries: 4 sqrt(n) as a power of two, within [128 (the paper's), 4096]
+    (more lists make k-means on two cores cost more than they save)."""
+    return min(4096, max(128, 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))))
+
+
+def auto_index(n: int) -> tuple[str, int, int]:
+    """``(kind, nlist, nprobe)`` of ``index: auto`` for a bank of ``n`` entries."""
+    if n <= AUTO_FLAT_MAX:
+        return "flat", 0, 1
+    nlist = ivf_nlist(n)
+    if n <= AUTO_IVF_FLAT_MAX:
+        return "ivf_flat", nlist, AUTO_NPROBE
+    return "ivf_pq", nlist, 4 * AUTO_NPROBE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -206,7 +234,7 @@ class MemoryBank:
     def _create_index(self, keys: np.ndarray) -> None:
         """Choose and train the index for ``keys`` (normalised), shrinking IVF when too small."""
         n, d, cfg = len(keys), self.dim, self.config
-        kind, nlist = cfg.kind, cfg.nlist
+        kind, nlist, nprobe = auto_index(n) if cfg.kind == "auto" else (cfg.kind, cfg.nlist, cfg.nprobe)
         if kind == "ivf_pq":
             if d % cfg.pq_m:
                 raise ConfigError(f"ivf_pq: pq_m={cfg.pq_m} does not divide the hidden size {d}")
@@ -239,7 +267,7 @@ class MemoryBank:
                 index.pq.cp.seed = cfg.seed
             index.cp.seed = cfg.seed  # deterministic k-means: every rank builds the same index
             index.train(keys)
-            index.nprobe = min(cfg.nprobe, nlist)
+            index.nprobe = min(nprobe, nlist)
         self.index, self.kind, self.nlist = index, kind, nlist
 
     def add(self, h: Tensor | np.ndarray, users: Tensor | np.ndarray, ends: Tensor | np.ndarray,

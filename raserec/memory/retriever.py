@@ -38,7 +38,8 @@ class BankConfig:
     k: int = 20
     """Memories retrieved per query (K); 0 turns retrieval off."""
     index: IndexKind = "ivf_flat"
-    """Faiss index: ivf_flat (the authors'), flat (exact search) or ivf_pq (compressed, for large banks)."""
+    """Faiss index: ivf_flat (the authors'), flat (exact search), ivf_pq (compressed, for large banks) or
+    auto (kind, nlist and nprobe chosen by the bank's size from results/bank_scale.json)."""
     nlist: int = 128
     """IVF inverted lists (shrunk automatically when the bank is too small to train them)."""
     nprobe: int = 1
