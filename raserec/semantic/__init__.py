@@ -1,0 +1,1 @@
+"""Semantic side of retrieval: item text -> embeddings (the ground SRA-CL and GRASP build on)."""
