@@ -51,12 +51,10 @@ def compare_groups(group: np.ndarray, values: np.ndarray, value_name: str, base:
             row[f"encoder_{key}"] = mb[key]
             row[f"raserec_{key}"] = mt[key]
         for key in mb:
-            row[f"improvement_{key}_pct"] = _pct(mt[key], mb[key])
+            row[f"improvement_{key}_pct"] = relative_change_pct(mt[key], mb[key])
         rows.append(row)
     return pl.DataFrame(rows)
 
-
-_pct = relative_change_pct
 
 
 @dataclass

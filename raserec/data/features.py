@@ -12,7 +12,6 @@ left out.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from raserec.data.prepare import file_sha256
 from raserec.data.sequences import SequenceData
 from raserec.errors import DataError
 
@@ -30,12 +30,12 @@ ID_COLUMN = "item"
 _HAS_RECORD = "_has_record"  # stored beside the fields in the parquet cache
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def dense_ids(original_ids: pl.Series | np.ndarray, data: SequenceData) -> np.ndarray:
+    """The dense id (1..num_items) of each original item id, 0 where the data has no such item."""
+    id_map = pl.DataFrame({ID_COLUMN: data.item_ids[1:].astype(str),
+                           "_dense": np.arange(1, data.num_items + 1, dtype=np.int64)})
+    keys = pl.DataFrame({ID_COLUMN: pl.Series(original_ids).cast(pl.Utf8)})
+    return keys.join(id_map, on=ID_COLUMN, how="left", maintain_order="left")["_dense"].fill_null(0).to_numpy()
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ItemFeatures:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: no such item feature file")
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         cached = None
         if cache_dir is not None:
             cached = Path(cache_dir) / f"item-features-{data.content_hash()[:16]}-{digest[:16]}.parquet"
@@ -99,13 +99,11 @@ class ItemFeatures:
         duplicated = raw.height - raw[ID_COLUMN].n_unique()
         if duplicated:
             raise DataError(f"{source or 'item features'}: {duplicated} item id(s) appear more than once")
-        id_map = pl.DataFrame({ID_COLUMN: data.item_ids[1:].astype(str),
-                               "_dense": np.arange(1, data.num_items + 1, dtype=np.int64)})
-        joined = raw.join(id_map, on=ID_COLUMN, how="left")
-        unknown = int(joined["_dense"].null_count())
+        joined = raw.with_columns(pl.Series("_dense", dense_ids(raw[ID_COLUMN], data)))
+        unknown = int((joined["_dense"] == 0).sum())
         if unknown:
             log.info("%s: %d feature record(s) name items the data does not have; left out", source, unknown)
-        joined = joined.filter(pl.col("_dense").is_not_null())
+        joined = joined.filter(pl.col("_dense") > 0)
         frame = pl.DataFrame({"_dense": np.arange(data.num_items + 1, dtype=np.int64)}).join(
             joined.drop(ID_COLUMN), on="_dense", how="left").sort("_dense")
         has_record = np.zeros(data.num_items + 1, dtype=bool)
@@ -144,9 +142,8 @@ class ItemFeatures:
         else:
             if data is None:
                 raise DataError("remapping vectors by original id needs the dataset's id map (data)")
-            index = {str(v): i for i, v in enumerate(data.item_ids) if i > 0}
             aligned = np.zeros((self.num_items + 1, matrix.shape[1]), dtype=np.float32)
-            rows = np.array([index.get(str(o), -1) for o in original_ids], dtype=np.int64)
+            rows = dense_ids(np.asarray(original_ids).astype(str), data)
             known = rows > 0
             aligned[rows[known]] = matrix[known]
             if int((~known).sum()):
