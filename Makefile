@@ -16,11 +16,11 @@ EXPERIMENT := $(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))_raserec
 help:  ## list every target
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-install:  ## create .venv, install torch==2.13.0 (CPU) first, then raserec[dev] in editable mode
+install:  ## create .venv, install torch==2.13.0 (CPU) first, then raserec[dev,semantic] in editable mode
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,semantic]'
 
 test:  ## run the whole test suite (uses ../shared/data in place)
 	$(BIN)/python -m pytest -q tests

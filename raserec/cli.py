@@ -29,6 +29,9 @@ training commands (LightningCLI; configure with --config FILE.yaml, repeatable):
   test       evaluate on the test queries (--ckpt_path)
   predict    write each user's top-N items with original ids (--ckpt_path)
 
+semantic methods (SRA-CL, GRASP):
+  embed      item text -> (LLM step) -> embeddings and semantic neighbours, written to a directory
+
 experiments:
   experiment pre-train -> fine-tune -> test over several seeds, with per-seed results, mean +- std,
              a paired significance test and a comparison with the paper (resumable)
@@ -207,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             from raserec.analysis.cli import main as analyze_main
 
             return analyze_main(rest)
+        if command == "embed":
+            from raserec.semantic.cli import main as embed_main
+
+            return embed_main(rest)
         if command == "experiment":
             from raserec.experiments.runner import main as experiment_main
 

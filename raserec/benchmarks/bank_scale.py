@@ -26,7 +26,7 @@ import torch
 from raserec.benchmarks.common import peak_rss_gb, save
 from raserec.checkpoint import load_encoder
 from raserec.data.datamodule import SequenceDataModule
-from raserec.memory.bank import _normalized, encode_pairs, ivf_nlist
+from raserec.memory.bank import encode_pairs, ivf_nlist, normalized
 from raserec.memory.faiss_import import faiss
 
 K = 20
@@ -37,7 +37,7 @@ def trained_keys(encoder_path: Path, data_path: Path) -> np.ndarray:
     encoder, _ = load_encoder(encoder_path)
     dm = SequenceDataModule(data_path, cache_dir=None)
     dm.setup("fit")
-    return _normalized(encode_pairs(encoder, dm.dataset("train"), progress=False))
+    return normalized(encode_pairs(encoder, dm.dataset("train"), progress=False))
 
 
 def resample(keys: np.ndarray, n: int, jitter: float, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +51,7 @@ def resample(keys: np.ndarray, n: int, jitter: float, rng: np.random.Generator) 
         stop = min(n, start + (1 << 20))
         base = keys[rng.integers(0, len(keys), stop - start)]
         out[start:stop] = base + rng.standard_normal(base.shape, dtype=np.float32) * scale
-    out[len(keys):] = _normalized(out[len(keys):])
+    out[len(keys):] = normalized(out[len(keys):])
     return out
 
 

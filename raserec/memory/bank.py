@@ -116,13 +116,13 @@ def _i64(x: Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.int64).reshape(-1)
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
+def normalized(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation into a new array; zero rows stay zero (never NaN)."""
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(np.divide(x, norm, out=np.zeros_like(x), where=norm > 0))
 
 
-def _first_k(rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def first_k(rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the first ``k`` kept candidates in their (best-first) order; ``-1``/False pads."""
     b, width = rows.shape
     # A stable sort of "not kept" moves kept columns to the front without reordering them.
@@ -213,7 +213,7 @@ class MemoryBank:
         if h.ndim != 2:
             raise ValueError(f"h must be [P, d], got shape {h.shape}")
         bank = cls(h.shape[1], config, encoder_fingerprint, reference_version)
-        bank._create_index(_normalized(h))
+        bank._create_index(normalized(h))
         bank.add(h, users, ends, targets)
         bank.build_seconds = time.perf_counter() - start
         return bank
@@ -280,9 +280,9 @@ class MemoryBank:
         if not len(h) == len(users) == len(ends) == len(targets):
             raise ValueError("h, users, ends and targets must have the same length")
         if self.index is None:
-            self._create_index(_normalized(h))
+            self._create_index(normalized(h))
         if len(h):
-            self.index.add(_normalized(h))
+            self.index.add(normalized(h))
         self.h = np.concatenate([self.h, h]) if len(self.h) else h
         self.users = np.concatenate([self.users, users])
         self.ends = np.concatenate([self.ends, ends])
@@ -348,7 +348,7 @@ class MemoryBank:
             return torch.full((b, k), -1, dtype=torch.int64), torch.zeros(b, k, dtype=torch.bool)
         if keys.shape[1] != self.dim:
             raise ValueError(f"query_h has dimension {keys.shape[1]}, the bank {self.dim}")
-        keys = _normalized(keys)
+        keys = normalized(keys)
         n = len(self)
         overfetch = overfetch if overfetch is not None else self.config.overfetch
         out_rows = np.full((b, k), -1, np.int64)
@@ -362,11 +362,11 @@ class MemoryBank:
             for size in np.unique(fetch):
                 idx = np.flatnonzero(fetch == size)
                 rows, keep, _ = self._filtered(keys[idx], users[idx], ends[idx], int(size))
-                out_rows[idx], out_mask[idx] = _first_k(rows, keep, k)
+                out_rows[idx], out_mask[idx] = first_k(rows, keep, k)
             return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
         size = min(n, k * overfetch)
         rows, keep, exhausted = self._filtered(keys, users, ends, size)
-        out_rows, out_mask = _first_k(rows, keep, k)
+        out_rows, out_mask = first_k(rows, keep, k)
         # Users with long histories can have more than (overfetch - 1) * k of their own future
         # pairs among the candidates: fetch more for just those rows (vectorised per round).
         for _ in range(max_rounds):
@@ -376,7 +376,7 @@ class MemoryBank:
             size = min(n, size * 4)
             idx = np.flatnonzero(short)
             r2, k2, e2 = self._filtered(keys[idx], users[idx], ends[idx], size)
-            out_rows[idx], out_mask[idx] = _first_k(r2, k2, k)
+            out_rows[idx], out_mask[idx] = first_k(r2, k2, k)
             exhausted[idx] = e2
         return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
 

@@ -108,6 +108,10 @@ class PretrainModule(RecommenderModule):
                 raise ConfigError(f"objective 'cloze' needs an encoder with cloze_loss(); "
                                   f"{type(self.encoder).__name__} has none")
         self.objectives = objectives
+        # Learnable parts of objectives (e.g. SRA-CL's synthesiser): trained and checkpointed with
+        # the module; the encoder record holds only the encoder.
+        built = {o.name: o.build(self.encoder) for o in objectives}
+        self.objective_modules = torch.nn.ModuleDict({k: m for k, m in built.items() if m is not None})
         self.lr = lr
         self.weight_decay = weight_decay
 
@@ -115,6 +119,13 @@ class PretrainModule(RecommenderModule):
     def uses_positives(self) -> bool:
         """Whether training batches need same-target positives (the datamodule attaches them)."""
         return any(o.needs_positives and o.weight > 0 for o in self.objectives)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and dm is not None:
+            for o in self.objectives:
+                o.setup(dm)
 
     def user_representation(self, batch: SequenceBatch) -> Tensor:
         return self.encoder(batch["input_ids"])
@@ -133,7 +144,8 @@ class PretrainModule(RecommenderModule):
         if views:
             # One encoder call for all views: dropout masks are drawn per row, so this equals
             # separate passes, at a fraction of the overhead.
-            reprs = dict(zip(views, self.encoder(torch.cat(list(views.values()))).split(b), strict=True))
+            sizes = [v.size(0) for v in views.values()]
+            reprs = dict(zip(views, self.encoder(torch.cat(list(views.values()))).split(sizes), strict=True))
         terms = {o.name: o.loss(self.encoder, batch, reprs) for o in active}
         loss = sum(o.weight * terms[o.name] for o in active)
         logged = {"train/loss": loss}

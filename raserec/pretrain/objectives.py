@@ -11,19 +11,23 @@ InfoNCE both read ``sequence``); a view with another name is an independent drop
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from raserec.data.batch import PretrainBatch
 from raserec.errors import ConfigError, check
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.models.losses import info_nce, next_item_loss
 
-#: The module prefix an objective recorded in a checkpoint may name (checkpoints never import
+if TYPE_CHECKING:
+    from raserec.data.datamodule import SequenceDataModule
+
+#: The modules an objective recorded in a checkpoint may come from (checkpoints never import
 #: arbitrary code).
-TRUSTED_PREFIX = "raserec.pretrain.objectives."
+TRUSTED_MODULES = ("raserec.pretrain.objectives", "raserec.semantic.sracl")
 
 
 class Objective(ABC):
@@ -43,8 +47,19 @@ class Objective(ABC):
         self.weight = float(weight)
 
     def views(self, batch: PretrainBatch) -> dict[str, Tensor]:
-        """Encoder inputs this objective reads, by view name (``{}``: none)."""
+        """Encoder inputs this objective reads, by view name (``{}``: none); a view may have any
+        number of rows (e.g. ``k`` neighbours per sequence)."""
         return {}
+
+    def build(self, encoder: SequenceEncoder) -> nn.Module | None:
+        """Learnable parts of this objective (trained with the encoder, saved in the training
+        checkpoint, not in the encoder record); ``None``: it has none."""
+        return None
+
+    def setup(self, datamodule: SequenceDataModule) -> None:
+        """Read what the objective needs from the training data (e.g. neighbour tables);
+        the built-in recommendation and same-target objectives need nothing."""
+        return None
 
     @abstractmethod
     def loss(self, encoder: SequenceEncoder, batch: PretrainBatch, reprs: dict[str, Tensor]) -> Tensor:
@@ -148,9 +163,10 @@ def objective_from_record(value: Objective | dict[str, Any]) -> Objective:
     if not isinstance(value, dict) or "class_path" not in value:
         raise ConfigError(f"an objective must be an Objective or a {{class_path, init_args}} record, got {value!r}")
     path = str(value["class_path"])
-    if not path.startswith(TRUSTED_PREFIX) or "." in path.removeprefix(TRUSTED_PREFIX):
-        raise ConfigError(f"objective class {path!r} is not one of {TRUSTED_PREFIX}*")
-    cls = globals().get(path.removeprefix(TRUSTED_PREFIX))
+    module, _, name = path.rpartition(".")
+    if module not in TRUSTED_MODULES:
+        raise ConfigError(f"objective class {path!r} is not in one of {TRUSTED_MODULES}")
+    cls = getattr(importlib.import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
         raise ConfigError(f"{path!r} is not an objective class")
     return cls(**value.get("init_args", {}))

@@ -1,0 +1,123 @@
+"""GRASP's Holistic Attention Enhancement (HAE), pure torch.
+
+The paper's equations are not public (method note ``../shared/papers/GRASP.md``: every HAE
+equation there is a reconstruction, tag [I]); this module implements that reconstruction, with each
+unknown as a field of :class:`HAEConfig`:
+
+- adapters ``f_I``, ``f_U``: ``Linear(D, D/2) -> Linear(D/2, d)`` map semantic vectors to width d;
+- item contexts ``x_t = f_I(s_t)`` (the item's own text) and ``x~_t = f_I(s~_t)`` (the mean of its
+  semantic neighbours), user contexts ``c = f_U(s_u)`` and ``c~ = f_U(s~_u)`` (similar users);
+- queries ``q_t = W_Q(e_t + c)``, ``q~_t = W_Q(e_t + c~)`` (``e_t``: the ID embedding), keys and
+  values ``W_K x``, ``W_V x``;
+- *sigmoid* attention (several items may score high at once; no normalisation across keys),
+  causal and padding-masked, then LayerNorm (or division by the number of attended items):
+  ``i_self`` (q over x), ``i_sim`` (q~ over x~), ``i_glob`` (the user-only query ``W_Q c`` over x);
+- ``x_in_t = MLP([e_t || i_self || i_sim || i_glob])`` (``Linear(4d, d)``, GELU, ``Linear(d, d)``),
+  which the backbone reads in place of its item embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from raserec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HAEConfig:
+    """The unknowns of GRASP's HAE, as switches (defaults: the note's reconstruction)."""
+
+    score_fn: Literal["sigmoid", "softmax"] = "sigmoid"
+    """Attention scores: ``sigmoid`` (GRASP) or ``softmax`` (the paper's ablation)."""
+    use_self: bool = True
+    """Branch i_self: the sequence's items' own semantics."""
+    use_similar: bool = True
+    """Branch i_sim: the mean semantics of each item's neighbours, queried with the similar users."""
+    use_global: bool = True
+    """Branch i_glob: the user-only query over the items' semantics."""
+    include_id: bool = True
+    """Put the ID embedding e_t into the MLP's input beside the branches."""
+    global_causal: bool = True
+    """The global branch attends causally too (position t sees items up to t)."""
+    norm: Literal["layernorm", "length"] = "layernorm"
+    """Scale of the unnormalised sigmoid sums: LayerNorm, or division by the attended count."""
+
+    def __post_init__(self) -> None:
+        if self.score_fn not in ("sigmoid", "softmax"):
+            raise ConfigError(f"hae.score_fn must be 'sigmoid' or 'softmax', got {self.score_fn!r}")
+        if self.norm not in ("layernorm", "length"):
+            raise ConfigError(f"hae.norm must be 'layernorm' or 'length', got {self.norm!r}")
+        if not (self.use_self or self.use_similar or self.use_global or self.include_id):
+            raise ConfigError("hae: at least one of use_self, use_similar, use_global, include_id must be on")
+
+
+class Adapter(nn.Sequential):
+    """``Linear(D, D/2) -> Linear(D/2, d)`` (LLM-ESR's adapter shape)."""
+
+    def __init__(self, semantic_dim: int, hidden_size: int) -> None:
+        mid = max(semantic_dim // 2, hidden_size)
+        super().__init__(nn.Linear(semantic_dim, mid), nn.Linear(mid, hidden_size))
+
+
+class HolisticAttention(nn.Module):
+    """HAE: ID embeddings plus semantic contexts -> the backbone's input embeddings ``[B, T, d]``.
+
+    Args:
+        semantic_dim: D, the semantic vectors' size.
+        hidden_size: d, the backbone width.
+        config: the switches of :class:`HAEConfig`.
+    """
+
+    def __init__(self, semantic_dim: int, hidden_size: int, config: HAEConfig = HAEConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.item_adapter = Adapter(semantic_dim, hidden_size)
+        self.user_adapter = Adapter(semantic_dim, hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        branches = [config.include_id, config.use_self, config.use_similar, config.use_global]
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(sum(branches) * hidden_size, hidden_size), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.scale = 1.0 / math.sqrt(hidden_size)
+
+    def _attend(self, q: Tensor, x: Tensor, mask: Tensor, norm: nn.Module) -> Tensor:
+        scores = (q @ self.key(x).transpose(1, 2)) * self.scale  # [B, T(q), T(k)]
+        if self.config.score_fn == "sigmoid":
+            weights = torch.sigmoid(scores) * mask
+        else:
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        out = weights @ self.value(x)
+        if self.config.norm == "length":
+            return out / mask.sum(-1, keepdim=True).clamp_min(1)
+        return norm(out)
+
+    def forward(self, ids_embedding: Tensor, item_semantic: Tensor, similar_semantic: Tensor,
+                user_semantic: Tensor, similar_user_semantic: Tensor, real: Tensor) -> Tensor:
+        """``ids_embedding`` ``[B, T, d]``; ``item_semantic``, ``similar_semantic`` ``[B, T, D]``;
+        ``user_semantic``, ``similar_user_semantic`` ``[B, D]``; ``real`` bool ``[B, T]``."""
+        cfg = self.config
+        t = real.size(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
+        mask = causal & real[:, None, :]  # query t sees real items j <= t
+        c = self.user_adapter(user_semantic).unsqueeze(1)  # [B, 1, d]
+        parts = [ids_embedding] if cfg.include_id else []
+        if cfg.use_self or cfg.use_global:
+            x = self.item_adapter(item_semantic)
+        if cfg.use_self:
+            parts.append(self._attend(self.query(ids_embedding + c), x, mask, self.norms[0]))
+        if cfg.use_similar:
+            c_sim = self.user_adapter(similar_user_semantic).unsqueeze(1)
+            x_sim = self.item_adapter(similar_semantic)
+            parts.append(self._attend(self.query(ids_embedding + c_sim), x_sim, mask, self.norms[1]))
+        if cfg.use_global:
+            q_glob = self.query(c).expand(-1, t, -1)
+            glob_mask = mask if cfg.global_causal else real[:, None, :].expand(-1, t, -1)
+            parts.append(self._attend(q_glob, x, glob_mask, self.norms[2]))
+        return self.mlp(torch.cat(parts, dim=-1))

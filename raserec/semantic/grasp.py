@@ -1,0 +1,139 @@
+"""GRASP (Dai et al., 2025): semantic context fused into any backbone's input by Holistic
+Attention Enhancement (:mod:`raserec.models.hae`), trained with the backbone's own next-item loss
+only (no alignment or distillation term). Method note: ``../shared/papers/GRASP.md``.
+
+Choices where the note marks the method unknown (each a setting):
+
+- The user's semantic vector ``s_u`` is built *per prefix* (the note's leakage mitigation): the
+  normalised mean of the vectors of the sequence's last ``semantic.prefix_window`` items, computed
+  in the forward pass, so a training query never sees text of its own target.
+- Similar users: the ``similar_users`` nearest *users* by cosine between ``s_u`` and each user's
+  training-part vector (first ``n - 2`` items, the same mean), the query's own user always
+  excluded (its training part holds its training targets); ``s~_u`` is their mean.
+- Similar items: ``s~_i`` is the mean vector of item i's ``semantic.k`` semantic neighbours.
+- The loss is read at the last position only (the framework's pair training), which removes the
+  note's within-sequence leakage of a whole-history user context.
+- Scoring uses the ID embeddings E[v] (the backbone's own output layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raserec.data.batch import PretrainBatch, SequenceBatch
+from raserec.errors import ConfigError, check
+from raserec.evaluation.module import RecommenderModule
+from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.encoders.sasrec import SASRec
+from raserec.models.hae import HAEConfig, HolisticAttention
+from raserec.models.losses import next_item_loss
+from raserec.pretrain.module import PretrainModule
+from raserec.pretrain.objectives import NextItemCE
+from raserec.semantic.embedders import EMBEDDERS
+from raserec.semantic.space import SemanticConfig, semantic_space
+from raserec.typed_config import coerce_config
+
+
+class GRASPModule(PretrainModule):
+    """A backbone with GRASP's semantic input enhancement, trained with next-item CE.
+
+    Args:
+        num_items: number of real items (linked from the datamodule by the CLI).
+        encoder: the backbone, built as ``encoder(num_items)``; it must accept ``item_embeddings``.
+        semantic: where item and user semantics come from; ``prefix_vectors`` must be
+            ``mean_items`` (user vectors are computed in the forward pass).
+        hae: the HAE switches (:class:`~raserec.models.hae.HAEConfig`).
+        similar_users: N, the similar users pooled into ``s~_u`` (paper: 10).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        metric_ks: cut-offs of HR@K and NDCG@K.
+        mask_history: exclude already-seen items from the ranking.
+        predict_top_n: items per user written by ``raserec predict``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        encoder: Callable[[int], SequenceEncoder] = SASRec,
+        semantic: SemanticConfig = SemanticConfig(prefix_vectors="mean_items"),
+        hae: HAEConfig = HAEConfig(),
+        similar_users: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        metric_ks: Sequence[int] = (5, 10, 20, 50),
+        mask_history: bool = False,
+        predict_top_n: int = 10,
+    ) -> None:
+        semantic = coerce_config(SemanticConfig, semantic)
+        hae = coerce_config(HAEConfig, hae)
+        if semantic.prefix_vectors != "mean_items":
+            raise ConfigError("GRASP computes user vectors in the forward pass: semantic.prefix_vectors must be "
+                              "'mean_items'")
+        check(similar_users >= 1, f"similar_users must be >= 1, got {similar_users}")
+        super().__init__(num_items, encoder, positive_pair="none", objectives=[NextItemCE()], lr=lr,
+                         weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
+                         predict_top_n=predict_top_n)
+        self.hparams["semantic"] = asdict(semantic)  # plain data in the checkpoint
+        self.hparams["hae"] = asdict(hae)
+        self.semantic = semantic
+        self.similar_users = similar_users
+        dim = EMBEDDERS[semantic.embedder]().dim
+        self.hae = HolisticAttention(dim, self.encoder.hidden_size, hae)
+        # Filled from the data at setup (every stage), never saved: they are a deterministic,
+        # cached function of the data and the semantic settings.
+        self.register_buffer("item_semantic", torch.zeros(0, dim), persistent=False)
+        self.register_buffer("similar_semantic", torch.zeros(0, dim), persistent=False)
+        self.register_buffer("user_bank", torch.zeros(0, dim), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        RecommenderModule.setup(self, stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            raise ConfigError("GRASP needs the datamodule (its semantic tables come from the data)")
+        self.attach(dm)
+
+    def attach(self, dm) -> None:
+        """Build the semantic tables of ``dm`` into the module's buffers."""
+        space = semantic_space(dm, self.semantic)
+        vectors = space.item_vectors
+        neighbours = space.item_neighbours
+        has = neighbours > 0
+        similar = (vectors[neighbours] * has[..., None]).sum(1) / np.maximum(has.sum(1, keepdims=True), 1)
+        device = self.encoder.item_embedding.weight.device
+        self.item_semantic = torch.from_numpy(vectors).to(device)
+        self.similar_semantic = torch.from_numpy(similar.astype(np.float32)).to(device)
+        self.user_bank = torch.from_numpy(space.user_vectors).to(device)
+
+    def _contexts(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        ids = batch["input_ids"]
+        window = ids[:, -self.semantic.prefix_window:]
+        user = F.normalize(self.item_semantic[window].sum(1), dim=-1)
+        sims = user @ self.user_bank.T  # [B, U]
+        sims[torch.arange(len(ids), device=ids.device), batch["user"]] = float("-inf")  # never itself
+        top = sims.topk(min(self.similar_users, self.user_bank.size(0) - 1), dim=1).indices
+        return user, self.user_bank[top].mean(1)
+
+    def user_representation(self, batch: SequenceBatch) -> Tensor:
+        if self.item_semantic.numel() == 0:
+            raise RuntimeError("GRASPModule has no semantic tables: call attach(datamodule) or run it in a Trainer")
+        ids = batch["input_ids"]
+        user, similar_user = self._contexts(batch)
+        x = self.hae(self.encoder.item_embedding(ids), self.item_semantic[ids], self.similar_semantic[ids], user,
+                     similar_user, ids > 0)
+        return self.encoder(ids, item_embeddings=x)
+
+    def training_step(self, batch: PretrainBatch, batch_idx: int) -> Tensor:
+        loss = next_item_loss(self.user_representation(batch), self.item_weights(), batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # No encoder record: the backbone alone is not this model (it needs the HAE and the tables).
+        RecommenderModule.on_save_checkpoint(self, checkpoint)

@@ -1,0 +1,315 @@
+"""SRA-CL and GRASP on the semantic space: text sources, the LLM step (stub server), caches,
+neighbours, substitution, the synthesiser, HAE, and the ``raserec embed`` command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from raserec.cli import main
+from raserec.data.datamodule import SequenceDataModule
+from raserec.errors import DataError
+from raserec.pretrain.module import PretrainModule
+from raserec.pretrain.objectives import NextItemCE, objective_from_record
+from raserec.semantic.embedders import HashEmbedder, embed_cached, make_embedder
+from raserec.semantic.generators import OpenAICompatibleGenerator, PrecomputedGenerator, generate_cached
+from raserec.semantic.space import SemanticConfig, SemanticSpace
+from raserec.semantic.sracl import SRACLInterUser, SRACLIntraUser, Synthesiser, substitute
+from raserec.semantic.text import load_item_text
+from tests.conftest import DATA, require
+
+ITEMS = DATA / "Beauty.items.jsonl"
+
+
+@pytest.fixture(scope="module")
+def slice_dm(beauty_slice) -> SequenceDataModule:
+    require(ITEMS)
+    dm = SequenceDataModule(beauty_slice, cache_dir=None, batch_size=64)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def slice_space(slice_dm, tmp_path_factory) -> SemanticSpace:
+    cfg = SemanticConfig(text_source=str(ITEMS), embedder="hash", cache_dir=str(tmp_path_factory.mktemp("sem")))
+    return SemanticSpace(slice_dm, cfg, progress=False)
+
+
+# ------------------------------------------------------------- substitution
+def test_substitution_never_touches_padding_or_items_without_neighbours() -> None:
+    neighbours = torch.tensor([[0, 0], [2, 3], [1, 0], [0, 0]])  # item 3 has no neighbour
+    ids = torch.tensor([[0, 0, 1, 2, 3], [0, 3, 3, 1, 1]])
+    torch.manual_seed(0)
+    assert torch.equal(substitute(ids, neighbours, 0.0), ids)
+    for _ in range(20):
+        out = substitute(ids, neighbours, 1.0)
+        assert torch.equal(out[ids == 0], ids[ids == 0]) and torch.equal(out[ids == 3], ids[ids == 3])
+        assert set(out[ids == 1].tolist()) <= {2, 3} and set(out[ids == 2].tolist()) == {1}
+    # Item 1's two neighbours are both drawn, and with p = 0.2 about a fifth of items change.
+    draws = torch.stack([substitute(ids, neighbours, 1.0)[0, 2] for _ in range(200)])
+    assert {2, 3} == set(draws.tolist())
+    big = torch.randint(1, 3, (200, 50))
+    changed = (substitute(big, neighbours, 0.2) != big).float().mean().item()
+    assert 0.17 < changed < 0.23
+
+
+# ------------------------------------------------------------- synthesiser
+def test_synthesiser_weights_sum_to_one_over_real_neighbours() -> None:
+    torch.manual_seed(0)
+    syn = Synthesiser(semantic_dim=8, hidden_size=4, dropout=0.5)
+    query, neigh = torch.randn(3, 8), torch.randn(3, 5, 8)
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
+    syn.eval()
+    w = syn(query, neigh, valid)
+    assert torch.allclose(w[:2].sum(1), torch.ones(2)) and not w[2].any() and not w[1, 2:].any()
+    assert (w[0] > 0).all()
+    syn.train()
+    wt = syn(query, neigh, valid)  # dropout 0.5: kept weights doubled, dropped ones zero
+    kept = wt[0] > 0
+    assert torch.allclose(wt[0][kept], 2 * w[0][kept]) and not kept.all()
+
+
+# ---------------------------------------------------------------- neighbours
+def test_prefix_neighbours_exclude_self_same_user_and_future_text(slice_dm, slice_space) -> None:
+    train = slice_dm.pairs("train")
+    rows = slice_space.prefix_neighbours
+    assert rows.shape == (len(train), 10) and (rows >= 0).all()
+    assert not (rows == np.arange(len(train))[:, None]).any()
+    assert not (train.user[rows] == train.user[:, None]).any()
+    # Every neighbour is a training prefix (ends before its user's validation target), and a
+    # prefix's window holds only items before its own target.
+    lengths = slice_dm.data.lengths
+    assert (train.end[rows] <= lengths[train.user[rows]] - 3).all()
+    windows = slice_space.windows(train.user[:500], train.end[:500])
+    for row, (u, e) in zip(windows, zip(train.user[:500], train.end[:500], strict=True), strict=True):
+        seq = slice_dm.data.items[slice_dm.data.offsets[u]:slice_dm.data.offsets[u] + e]
+        assert row[row > 0].tolist() == seq[-20:].tolist()
+    # Item neighbours: never the item itself, text-kin first.
+    items = slice_space.item_neighbours
+    assert not (items[1:] == np.arange(1, len(items))[:, None]).any() and not items[0].any()
+
+
+def test_same_user_prefixes_dominate_without_the_exclusion(slice_dm, slice_space) -> None:
+    cfg = replace(slice_space.config, exclude_same_user=False)
+    rows = SemanticSpace(slice_dm, cfg, progress=False).prefix_neighbours
+    train = slice_dm.pairs("train")
+    same = (train.user[rows] == train.user[:, None]).mean()
+    assert same > 0.2  # the official rule (exact prefix only) fills neighbour lists with the user itself
+
+
+# ------------------------------------------------------------- LLM step, caches
+class _Counting:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def identity(self) -> dict[str, object]:
+        return {"name": "counting", "v": 1}
+
+    def generate(self, keys, prompts):
+        self.calls += len(prompts)
+        return [p.upper() for p in prompts]
+
+
+def test_generated_texts_are_cached_per_prompt_and_resume(tmp_path) -> None:
+    gen = _Counting()
+    assert generate_cached(gen, ["1", "2"], ["a b", "c"], tmp_path) == ["A B", "C"] and gen.calls == 2
+    assert generate_cached(gen, ["1", "2"], ["a b", "c"], tmp_path) == ["A B", "C"] and gen.calls == 2
+    assert generate_cached(gen, ["1", "2"], ["a b", "changed"], tmp_path) == ["A B", "CHANGED"] and gen.calls == 3
+    # A line cut by an interrupted write is asked for again, never read as a text.
+    cache = next(tmp_path.glob("texts-counting-*.jsonl"))
+    cache.write_text(cache.read_text() + '{"k": "trunc')
+    assert generate_cached(gen, ["3"], ["new"], tmp_path) == ["NEW"] and gen.calls == 4
+
+
+def test_precomputed_generator_falls_back_to_the_template(tmp_path, caplog) -> None:
+    path = tmp_path / "responses.jsonl"
+    path.write_text('{"key": "1", "text": "an llm description"}\n')
+    gen = PrecomputedGenerator(path)
+    assert gen.generate(["1", "2"], ["t1", "t2"]) == ["an llm description", "t2"]
+    assert "1 of 2 keys have no response" in caplog.text
+    (tmp_path / "bad.jsonl").write_text('{"key": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        PrecomputedGenerator(tmp_path / "bad.jsonl")
+
+
+@pytest.fixture
+def stub_llm():
+    """A chat-completions server on 127.0.0.1 that describes the prompt; fails the first call."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if len(seen) == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            reply = {"choices": [{"message": {"content": "described: " + body["messages"][-1]["content"]}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_compatible_generator_against_a_stub_server(stub_llm, tmp_path) -> None:
+    url, seen = stub_llm
+    gen = OpenAICompatibleGenerator(url, "stub-model", retries=3)
+    texts = generate_cached(gen, ["1", "2"], ["title: red polish", "title: sunscreen"], tmp_path)
+    assert texts == ["described: title: red polish", "described: title: sunscreen"]
+    assert seen[-1]["model"] == "stub-model" and seen[-1]["temperature"] == 0.0  # retried after the 503
+    calls = len(seen)
+    generate_cached(OpenAICompatibleGenerator(url.replace("127.0.0.1", "localhost"), "stub-model"), ["1"],
+                    ["title: red polish"], tmp_path)
+    assert len(seen) == calls  # cached: same model and prompt, no request
+    with pytest.raises(DataError, match="no usable response"):
+        OpenAICompatibleGenerator("http://127.0.0.1:9/v1", "m", retries=1, timeout_s=2).generate(["1"], ["x"])
+
+
+def test_a_cache_file_that_does_not_match_its_manifest_is_refused(tmp_path) -> None:
+    emb = HashEmbedder(dim=8)
+    embed_cached(emb, ["a", "b"], tmp_path)
+    path = next(tmp_path.glob("embeddings-*.npy"))
+    np.save(path, np.ones((2, 8), dtype=np.float32))
+    with pytest.raises(DataError, match="does not match its manifest"):
+        embed_cached(emb, ["a", "b"], tmp_path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(DataError, match="without its manifest"):
+        embed_cached(emb, ["a", "b"], tmp_path)
+
+
+# ------------------------------------------------------------------ sources
+def test_recbole_and_amazon_metadata_sources(tmp_path) -> None:
+    data = tmp_path / "shop.txt"
+    data.write_text("1 10 20 30 10\n2 20 30 10 20\n")
+    (tmp_path / "shop.item").write_text("item_id:token\ttitle:token_seq\n10\tred nail polish\n20\tsun lotion\n")
+    dm = SequenceDataModule(data, cache_dir=None)
+    recbole = load_item_text(tmp_path / "shop.item", data, dm.data)
+    assert recbole.column("title")[list(dm.data.item_ids).index("10")] == "red nail polish"
+    (tmp_path / "shop.items.jsonl").write_text("\n".join(json.dumps({"item": i, "asin": a}) for i, a in
+                                                         [(10, "A1"), (20, "A2"), (30, "A3")]) + "\n")
+    meta = tmp_path / "meta_Shop.json.gz"
+    with gzip.open(meta, "wt") as out:  # the 2014 dumps: Python literals, not JSON
+        out.write("{'asin': 'A1', 'title': 'Red Nail Polish', 'categories': [['Beauty', 'Nails']], 'price': 3.5}\n")
+        out.write('{"asin": "A3", "title": "Hiking Boots", "description": "' + "x" * 900 + '"}\n')
+    amazon = load_item_text(meta, data, dm.data)
+    titles = dict(zip(dm.data.item_ids, amazon.column("title"), strict=True))
+    assert titles["10"] == "Red Nail Polish" and titles["30"] == "Hiking Boots" and titles["20"] is None
+    assert amazon.column("categories")[list(dm.data.item_ids).index("10")] == "Beauty > Nails"
+    with pytest.raises(DataError, match="nope.items.jsonl: no item text"):
+        load_item_text(None, tmp_path / "nope.txt", dm.data)
+
+
+# ------------------------------------------------------------------ SRA-CL
+def test_sracl_objectives_train_the_encoder_and_the_synthesiser(slice_dm, slice_space, one_torch_thread) -> None:
+    from raserec.models.encoders import SASRec
+
+    semantic = slice_space.config
+    objectives = [NextItemCE(), SRACLInterUser(0.1, semantic), SRACLIntraUser(0.1, semantic)]
+    torch.manual_seed(0)
+    module = PretrainModule(slice_dm.num_items, lambda n: SASRec(n, hidden_size=16, max_len=50), objectives=objectives)
+    assert set(module.objective_modules) == {"loss_cs"}
+    for o in objectives:
+        o.setup(slice_dm)
+    module.log_dict = lambda *a, **k: None  # outside a Trainer
+    batch = next(iter(slice_dm.train_dataloader()))
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and module.objective_modules["loss_cs"].project.grad.abs().sum() > 0
+    # Records are plain data and rebuild the same objectives (only trusted modules).
+    for o in objectives:
+        assert objective_from_record(json.loads(json.dumps(o.record()))) == o
+    with pytest.raises(Exception, match="not in one of"):
+        objective_from_record({"class_path": "os.system", "init_args": {}})
+
+
+# ------------------------------------------------------------------- GRASP
+def test_hae_is_causal_and_sigmoid_differs_from_softmax() -> None:
+    from raserec.models.hae import HAEConfig, HolisticAttention
+
+    torch.manual_seed(0)
+    hae = HolisticAttention(semantic_dim=8, hidden_size=4).eval()
+    e, s, s2 = torch.randn(2, 6, 4), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    u, u2 = torch.randn(2, 8), torch.randn(2, 8)
+    real = torch.tensor([[False, True, True, True, True, True]] * 2)
+    out = hae(e, s, s2, u, u2, real)
+    s_changed = s.clone()
+    s_changed[:, -1] += 5.0  # the newest item's text changes: earlier positions must not see it
+    changed = hae(e, s_changed, s2, u, u2, real)
+    assert torch.allclose(out[:, :-1], changed[:, :-1]) and not torch.allclose(out[:, -1], changed[:, -1])
+    soft = HolisticAttention(8, 4, HAEConfig(score_fn="softmax"))
+    soft.load_state_dict(hae.state_dict())
+    assert not torch.allclose(soft.eval()(e, s, s2, u, u2, real), out)
+
+
+def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torch_thread) -> None:
+    from raserec.models.encoders import SASRec
+    from raserec.semantic.grasp import GRASPModule
+
+    module = GRASPModule(slice_dm.num_items, lambda n: SASRec(n, hidden_size=16, max_len=50),
+                         semantic=replace(slice_space.config, prefix_vectors="mean_items"), similar_users=3)
+    module.attach(slice_dm)
+    assert module.user_bank.shape == (slice_dm.data.num_users, 256)
+    batch = next(iter(slice_dm.val_dataloader()))
+    # The validation input *is* the user's training part: its own bank row would be the best match.
+    user, similar = module._contexts(batch)
+    own = module.user_bank[batch["user"]]
+    assert torch.allclose(user, own, atol=1e-5)
+    sims = user @ module.user_bank.T
+    best_other = sims.scatter(1, batch["user"][:, None], float("-inf")).topk(3).indices
+    assert torch.allclose(similar, module.user_bank[best_other].mean(1))
+    h = module.user_representation(batch)
+    assert h.shape == (len(batch["user"]), 16) and torch.isfinite(h).all()
+
+
+# -------------------------------------------------------------------- CLI
+def test_embed_cli_writes_vectors_and_refuses_textless_data(tmp_path, capsys) -> None:
+    data = tmp_path / "shop.txt"
+    data.write_text("1 10 20 30 40\n2 20 30 10 40\n3 30 40 10 20\n")
+    out = tmp_path / "out"
+    assert main(["embed", str(data), str(out), "--embedder", "hash", "--no-progress", "--data-cache-dir",
+                 str(tmp_path / "dc")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "shop.items.jsonl" in err[0] and not out.exists()
+    (tmp_path / "shop.items.jsonl").write_text("\n".join(json.dumps({"item": i, "title_keywords": t}) for i, t in
+                                                         [(10, "red polish"), (20, "red nail polish"),
+                                                          (30, "sun lotion"), (40, "sun cream lotion")]) + "\n")
+    code = main(["embed", str(data), str(out), "--embedder", "hash", "--prefixes", "--k", "2", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--data-cache-dir", str(tmp_path / "dc")])
+    assert code == 0
+    items = np.load(out / "items.npy")
+    assert items.shape == (5, 256) and not items[0].any()
+    manifest = json.loads((out / "items.json").read_text())
+    assert manifest["label"] == "items.jsonl fields, template (no LLM) + hash"
+    assert np.load(out / "prefixes.npy").shape[0] == np.load(out / "prefix_pairs.npy").shape[0] == 3
+    assert main(["embed", str(data), str(tmp_path / "o2"), "--embedder", "nope"]) == 2
+
+
+@pytest.mark.skipif(find_spec("all_minilm_l6_v2") is None or find_spec("wordllama") is None,
+                    reason="the optional semantic extra is not installed")
+@pytest.mark.parametrize("name", ["minilm", "wordllama"])
+def test_bundled_text_encoders_put_close_titles_closer(name, one_torch_thread) -> None:
+    v = make_embedder(name).embed(["red nail polish", "crimson nail lacquer", "hiking boots for men", ""])
+    assert v.shape[1] == {"minilm": 384, "wordllama": 256}[name] and not v[3].any()
+    assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2 and v[0] @ v[1] > v[1] @ v[2] + 0.2
