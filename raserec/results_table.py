@@ -127,6 +127,43 @@ def experiments_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+SEMANTIC_KEYS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20"]
+#: Single-run files of the semantic comparison, by name: ``<dataset>_<method>.json``.
+SEMANTIC_METHODS = ("sasrec", "sracl", "grasp")
+
+
+def semantic_table(results_dir: Path) -> str:
+    """SASRec, SASRec + SRA-CL, SASRec + GRASP and RaSeRec per dataset, each with its gain over
+    the same SASRec run (the papers used LLM text and other protocols: compare gains, not levels)."""
+    rows: dict[str, list[tuple[str, dict, str, str]]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        stem = path.stem
+        prefix, _, method = stem.rpartition("_")
+        if method not in SEMANTIC_METHODS or not prefix or "_" in prefix:
+            continue
+        r = json.loads(path.read_text())
+        rows.setdefault(prefix, []).append((r["model"], r["metrics"], ", ".join(map(str, r.get("seeds", []))),
+                                            path.name))
+    for prefix in list(rows):
+        summary = results_dir / f"{prefix}_raserec" / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            rows[prefix].append(("RaSeRec (pre-training + RAFT, collaborative retrieval)", s["finetune"],
+                                 ", ".join(map(str, s["seeds"])), f"{prefix}_raserec/summary.json"))
+    head = ("| dataset | model (text source + encoder) | " + " | ".join(SEMANTIC_KEYS) +
+            " | NDCG@10 vs SASRec | HR@20 vs SASRec | seeds | file |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for prefix, entries in sorted(rows.items()):
+        base = next((m for model, m, _, name in entries if name == f"{prefix}_sasrec.json"), None)
+        for model, m, seeds, name in sorted(entries, key=lambda e: e[3] != f"{prefix}_sasrec.json"):
+            gains = ["", ""] if base is None or name == f"{prefix}_sasrec.json" else [
+                relative_gain(m.get(f"test/{k}"), base.get(f"test/{k}")) for k in ("NDCG@10", "HR@20")]
+            lines.append(f"| {prefix.capitalize()} | {model} | " +
+                         " | ".join(mean_std(m, k, "," in seeds) for k in SEMANTIC_KEYS) +
+                         f" | {gains[0]} | {gains[1]} | {seeds} | {name} |")
+    return "\n".join(lines)
+
+
 def analyses_table(results_dir: Path) -> str:
     lines = ["| analysis | dataset | model | model checkpoint | wall time | hardware | command | files |",
              "|---|---|---|---|---|---|---|---|"]
@@ -158,6 +195,7 @@ def render(results_dir: Path) -> str:
     return (f"{START}\n### Experiments: ours (mean ± std over seeds) vs the paper\n\n"
             f"Made by `raserec experiment` / `make reproduce`; per-seed files, paired tests and configs in "
             f"`results/<experiment>/`.\n\n{experiments_table(results_dir)}\n\n"
+            f"### Semantic methods vs the same SASRec (test set, full ranking)\n\n{semantic_table(results_dir)}\n\n"
             f"### Single runs (test set, full ranking)\n\n{quality_table(results)}\n\n"
             f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
             f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"

@@ -25,8 +25,10 @@ def test_records_round_trip_and_only_our_classes_load() -> None:
     obj = SameTargetInfoNCE(0.2, temperature=0.5, similarity="cos", dropout_view=False)
     assert objective_from_record(obj.record()) == obj
     assert PretrainModule(50, objectives=[obj.record(), NextItemCE().record()]).objectives == [obj, NextItemCE()]
-    with pytest.raises(ConfigError, match="is not one of raserec.pretrain.objectives"):
+    with pytest.raises(ConfigError, match="is not in one of .*raserec.pretrain.objectives"):
         objective_from_record({"class_path": "os.system", "init_args": {}})
+    with pytest.raises(ConfigError, match="is not an objective class"):
+        objective_from_record({"class_path": "raserec.semantic.sracl.substitute", "init_args": {}})
     with pytest.raises(ConfigError, match="share a log name"):
         PretrainModule(50, objectives=[NextItemCE(), Cloze()])
     with pytest.raises(ConfigError, match="temperature must be > 0"):

@@ -313,3 +313,18 @@ def test_bundled_text_encoders_put_close_titles_closer(name, one_torch_thread) -
     assert v.shape[1] == {"minilm": 384, "wordllama": 256}[name] and not v[3].any()
     assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2 and v[0] @ v[1] > v[1] @ v[2] + 0.2
+
+
+def test_semantic_table_gives_gains_over_the_same_sasrec(tmp_path) -> None:
+    from raserec.results_table import semantic_table
+
+    def write(name: str, model: str, ndcg: float, hr20: float) -> None:
+        (tmp_path / name).write_text(json.dumps({"model": model, "seeds": [2024], "metrics": {
+            "test/HR@10": 0.05, "test/NDCG@10": ndcg, "test/HR@20": hr20, "test/NDCG@20": 0.03}}))
+
+    write("beauty_sasrec.json", "SASRec (CE)", 0.0300, 0.0800)
+    write("beauty_grasp.json", "SASRec + GRASP (items.jsonl fields, template (no LLM) + minilm)", 0.0330, 0.0760)
+    write("beauty_pretrain.json", "not part of the comparison", 0.9, 0.9)
+    table = semantic_table(tmp_path).splitlines()
+    assert len(table) == 4 and "SASRec (CE)" in table[2]
+    assert "| +10.0% | -5.0% | 2024 | beauty_grasp.json |" in table[3]
