@@ -8,7 +8,6 @@ DATASET ?= beauty
 BACKBONE ?= sasrec
 SEEDS ?= 2024 2025 2026 2027 2028
 SCHEDULE ?= paper
-CFG := configs/$(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))
 EXPERIMENT := $(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))_raserec
 
 .PHONY: help install test lint bench bench-peer clean results-table reproduce
@@ -34,8 +33,8 @@ bench:  ## run the benchmarks, writing results/*_bench.json
 	$(BIN)/python -m raserec.benchmarks.memory_bench --data $(DATA) --torch-threads 1
 
 reproduce:  ## pre-train -> RAFT -> test over SEEDS for DATASET (beauty|sports|clothing), BACKBONE (sasrec|gru4rec|bert4rec); SCHEDULE=cpu_short for 3 epochs/stage; resumable
-	$(BIN)/raserec experiment --name $(EXPERIMENT) --pretrain $(CFG)_pretrain.yaml --finetune $(CFG)_raft.yaml \
-		--backbone $(BACKBONE) --seeds $(SEEDS) $(if $(filter cpu_short,$(SCHEDULE)),--overlay configs/cpu_short.yaml,)
+	$(BIN)/raserec experiment --name $(EXPERIMENT) --pretrain configs/stage/pretrain.yaml --finetune configs/stage/raft.yaml \
+		--data configs/data/$(DATASET).yaml --model configs/model/$(BACKBONE).yaml --seeds $(SEEDS) $(if $(filter cpu_short,$(SCHEDULE)),--overlay configs/cpu_short.yaml,)
 
 PEER_VENV ?= .venv-peer
 bench-peer:  ## RecBole 1.2.1 (own venv .venv-peer) timed right before ours -> results/peer_bench.json; not in make test

@@ -44,6 +44,8 @@ Examples:
   raserec stats ../shared/data/Beauty.txt
   raserec fit --config configs/beauty_pretrain.yaml
   raserec fit --config configs/beauty_pretrain.yaml --config configs/debug.yaml
+  raserec fit --config configs/stage/pretrain.yaml --config configs/data/sports.yaml \
+      --config configs/model/gru4rec.yaml --name sports_gru4rec_pretrain   (config groups)
 """
 
 
@@ -154,9 +156,43 @@ def check_config_file(path: str) -> None:
         check_class_path(value, f"{path}: {key}")
 
 
+#: What ``--name NAME`` sets (the run name given once): the logger's run name, the checkpoint
+#: directory and the results file.
+NAME_TARGETS = (("--trainer.logger.init_args.name", "{}"), ("--checkpoint.dirpath", "runs/{}/checkpoints"),
+                ("--results.path", "results/{}.json"))
+
+
+def expand_name(argv: list[str]) -> list[str]:
+    """Replace ``--name NAME`` (or ``--name=NAME``) by the options it stands for, placed where it
+    was, so a later explicit option still overrides one of them."""
+    from raserec.errors import ConfigError
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--name" or arg.startswith("--name="):
+            if arg == "--name":
+                if i + 1 >= len(argv):
+                    raise ConfigError("--name needs a value (the run name)")
+                name, i = argv[i + 1], i + 2
+            else:
+                name, i = arg.split("=", 1)[1], i + 1
+            if not name or "/" in name or name.startswith((".", "-")) or any(c.isspace() for c in name):
+                raise ConfigError(f"--name {name!r}: a run name is one path component (no '/', no spaces)")
+            for option, pattern in NAME_TARGETS:
+                out += [option, pattern.format(name)]
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _lightning_main(argv: list[str]) -> int:
     from raserec.lightning_cli import RaserecCLI
 
+    if any(a == "--name" or a.startswith("--name=") for a in argv):
+        argv = [argv[0], *expand_name(argv[1:])]
     for path in _config_files(argv):
         check_config_file(path)
     _check_argv_class_paths(argv)

@@ -39,6 +39,7 @@ from raserec.errors import RaserecError
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
+BACKBONES = ("sasrec", "gru4rec", "bert4rec")
 #: ``raserec fit`` options the runner sets itself for each seed and stage.
 MANAGED = ("--seed_everything", "--data.seed", "--trainer.logger.init_args.save_dir", "--trainer.logger.init_args.name",
            "--checkpoint.dirpath", "--results.path", "--model.init_args.encoder_checkpoint", "--ckpt_path")
@@ -54,6 +55,9 @@ class ExperimentSpec:
         finetune: stage-2 config whose model takes ``encoder_checkpoint`` (RAFT or Ada-Retrieval).
         seeds: one full pipeline per seed (the paper averages 5 runs).
         overlays: extra configs applied after each stage's config (e.g. ``configs/cpu_short.yaml``).
+        data: a data group (``configs/data/<dataset>.yaml``) applied after both stage configs.
+        model: a model group (``configs/model/<backbone>.yaml``) applied after the stage-1 config
+            only (stage 2 loads the encoder from stage 1).
         dataset: dataset name for the summary (default: the finetune config's ``results.dataset``).
         backbone: ``sasrec`` / ``gru4rec`` / ``bert4rec``: selects the paper rows to compare with.
         results_dir: where result files go.
@@ -73,6 +77,8 @@ class ExperimentSpec:
     runs_dir: Path = Path("runs")
     extra_args: list[str] = field(default_factory=list)
     command: str = ""
+    data: Path | None = None
+    model: Path | None = None
 
     @property
     def out(self) -> Path:
@@ -114,6 +120,10 @@ def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
     config = spec.pretrain if stage == "pretrain" else spec.finetune
     run_dir = spec.run_dir(seed, stage)
     args = ["fit", "--config", str(config)]
+    if spec.data is not None:
+        args += ["--config", str(spec.data)]
+    if spec.model is not None and stage == "pretrain":
+        args += ["--config", str(spec.model)]
     for overlay in spec.overlays:
         args += ["--config", str(overlay)]
     args += [
@@ -268,14 +278,17 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
                    help="one pipeline per seed (default: five, as the paper)")
     p.add_argument("--overlay", type=Path, action="append", default=[],
                    help="config applied after each stage's own (repeatable), e.g. configs/cpu_short.yaml")
+    p.add_argument("--data", type=Path, help="data group applied after both stage configs, e.g. configs/data/sports.yaml")
+    p.add_argument("--model", type=Path,
+                   help="model group applied after the stage-1 config, e.g. configs/model/gru4rec.yaml")
     p.add_argument("--dataset", help="dataset name in the summary (default: from the finetune config)")
-    p.add_argument("--backbone", default="sasrec", choices=["sasrec", "gru4rec", "bert4rec"],
-                   help="selects the paper rows compared against")
+    p.add_argument("--backbone", default=None, choices=BACKBONES,
+                   help="selects the paper rows compared against (default: the --model group's name, else sasrec)")
     p.add_argument("--results-dir", type=Path, default=Path("results"))
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
-    for path in (a.pretrain, a.finetune, *a.overlay):
+    for path in (a.pretrain, a.finetune, *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
         if not path.is_file():
             raise RaserecError(f"{path}: no such config file")
     fit_args = shlex.split(a.fit_args)
@@ -285,9 +298,10 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
                            "(use --seeds, --results-dir and --runs-dir instead)")
     if len(set(a.seeds)) != len(a.seeds):
         raise RaserecError(f"--seeds must be distinct, got {a.seeds}")
-    return ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, a.backbone,
+    backbone = a.backbone or (a.model.stem if a.model is not None and a.model.stem in BACKBONES else "sasrec")
+    return ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, backbone,
                           a.results_dir, a.runs_dir, fit_args,
-                          command=shlex.join(["raserec", "experiment", *argv]))
+                          command=shlex.join(["raserec", "experiment", *argv]), data=a.data, model=a.model)
 
 
 def main(argv: list[str]) -> int:
