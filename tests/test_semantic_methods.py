@@ -280,6 +280,11 @@ def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torc
     assert torch.allclose(similar, module.user_bank[best_other].mean(1))
     h = module.user_representation(batch)
     assert h.shape == (len(batch["user"]), 16) and torch.isfinite(h).all()
+    # Training pairs' similar users are precomputed once; they equal the per-batch search.
+    train = next(iter(slice_dm.train_dataloader()))
+    _, fast = module._contexts(train, training=True)
+    _, searched = module._contexts(train, training=False)
+    assert len(module.train_similar) == len(slice_dm.pairs("train")) and torch.allclose(fast, searched, atol=1e-6)
 
 
 # -------------------------------------------------------------------- CLI

@@ -91,6 +91,9 @@ class GRASPModule(PretrainModule):
         self.register_buffer("item_semantic", torch.zeros(0, dim), persistent=False)
         self.register_buffer("similar_semantic", torch.zeros(0, dim), persistent=False)
         self.register_buffer("user_bank", torch.zeros(0, dim), persistent=False)
+        # The similar users of every training pair: fixed (the user vector is a function of the
+        # pair's prefix), so found once per setup instead of once per batch and epoch.
+        self.register_buffer("train_similar", torch.zeros(0, similar_users, dtype=torch.int64), persistent=False)
 
     def setup(self, stage: str) -> None:
         RecommenderModule.setup(self, stage)
@@ -110,27 +113,39 @@ class GRASPModule(PretrainModule):
         self.item_semantic = torch.from_numpy(vectors).to(device)
         self.similar_semantic = torch.from_numpy(similar.astype(np.float32)).to(device)
         self.user_bank = torch.from_numpy(space.user_vectors).to(device)
+        train = dm.dataset("train")
+        owners = torch.from_numpy(dm.pairs("train").user)
+        self.train_similar = torch.cat([
+            self._similar(self._user_vectors(train.prefixes(chunk).to(device)), owners[chunk].to(device))
+            for chunk in torch.arange(len(train)).split(8192)])
 
-    def _contexts(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
-        ids = batch["input_ids"]
-        window = ids[:, -self.semantic.prefix_window:]
-        user = F.normalize(self.item_semantic[window].sum(1), dim=-1)
+    def _user_vectors(self, ids: Tensor) -> Tensor:
+        return F.normalize(self.item_semantic[ids[:, -self.semantic.prefix_window:]].sum(1), dim=-1)
+
+    def _similar(self, user: Tensor, user_ids: Tensor) -> Tensor:
         sims = user @ self.user_bank.T  # [B, U]
-        sims[torch.arange(len(ids), device=ids.device), batch["user"]] = float("-inf")  # never itself
-        top = sims.topk(min(self.similar_users, self.user_bank.size(0) - 1), dim=1).indices
+        sims[torch.arange(len(user), device=user.device), user_ids] = float("-inf")  # never itself
+        return sims.topk(min(self.similar_users, self.user_bank.size(0) - 1), dim=1).indices
+
+    def _contexts(self, batch: SequenceBatch, training: bool = False) -> tuple[Tensor, Tensor]:
+        user = self._user_vectors(batch["input_ids"])
+        if training and len(self.train_similar):  # rows of the training pairs: precomputed
+            top = self.train_similar[batch["index"]]
+        else:
+            top = self._similar(user, batch["user"])
         return user, self.user_bank[top].mean(1)
 
-    def user_representation(self, batch: SequenceBatch) -> Tensor:
+    def user_representation(self, batch: SequenceBatch, training: bool = False) -> Tensor:
         if self.item_semantic.numel() == 0:
             raise RuntimeError("GRASPModule has no semantic tables: call attach(datamodule) or run it in a Trainer")
         ids = batch["input_ids"]
-        user, similar_user = self._contexts(batch)
+        user, similar_user = self._contexts(batch, training)
         x = self.hae(self.encoder.item_embedding(ids), self.item_semantic[ids], self.similar_semantic[ids], user,
                      similar_user, ids > 0)
         return self.encoder(ids, item_embeddings=x)
 
     def training_step(self, batch: PretrainBatch, batch_idx: int) -> Tensor:
-        loss = next_item_loss(self.user_representation(batch), self.item_weights(), batch["target"])
+        loss = next_item_loss(self.user_representation(batch, training=True), self.item_weights(), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
