@@ -51,11 +51,8 @@ class GRASPModule(PretrainModule):
             ``mean_items`` (user vectors are computed in the forward pass).
         hae: the HAE switches (:class:`~raserec.models.hae.HAEConfig`).
         similar_users: N, the similar users pooled into ``s~_u`` (paper: 10).
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        metric_ks: cut-offs of HR@K and NDCG@K.
-        mask_history: exclude already-seen items from the ranking.
-        predict_top_n: items per user written by ``raserec predict``.
+        lr: Adam learning rate (the optimiser, metrics and prediction settings are
+            :class:`~raserec.pretrain.module.PretrainModule`'s).
     """
 
     def __init__(
@@ -65,11 +62,8 @@ class GRASPModule(PretrainModule):
         semantic: SemanticConfig = SemanticConfig(prefix_vectors="mean_items"),
         hae: HAEConfig = HAEConfig(),
         similar_users: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        metric_ks: Sequence[int] = (5, 10, 20, 50),
-        mask_history: bool = False,
-        predict_top_n: int = 10,
+        lr: float = 1e-3, weight_decay: float = 0.0, metric_ks: Sequence[int] = (5, 10, 20, 50),
+        mask_history: bool = False, predict_top_n: int = 10,
     ) -> None:
         semantic = coerce_config(SemanticConfig, semantic)
         hae = coerce_config(HAEConfig, hae)
