@@ -41,6 +41,36 @@ class ResultsSpec:
     notes: str = ""
 
 
+class EpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is written after *every* validation, not only when
+    the monitored metric improves (Lightning 2.6 writes ``save_last`` only beside a top-k save),
+    so an interrupted run resumes from the epoch it reached, not from its best one.
+
+    Its state in a checkpoint has ``ModelCheckpoint``'s key, so checkpoints written before this
+    class (or by plain Lightning) resume with their best score and path.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _ensure_last(self, trainer) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # Lightning saves in one of these two hooks (which one depends on the validation schedule).
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer) and not trainer.sanity_checking:
+            self._ensure_last(trainer)
+
+
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` beside the logs and sends the full resolved config to the logger
     (W&B's run config, CSV's hparams.yaml), which LightningCLI does not do by itself."""
@@ -91,7 +121,7 @@ class RaserecCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/HR@10", "checkpoint.mode": "max", "checkpoint.filename": "best",
             "checkpoint.save_last": True, "checkpoint.enable_version_counter": False,

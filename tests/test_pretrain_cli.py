@@ -256,3 +256,39 @@ def test_results_writer_state_survives_resume() -> None:
     third.load_state_dict(state)
     third.on_test_start(None, None)
     assert third._curve == [{"epoch": 5}]
+
+
+@pytest.mark.parametrize("on_train_epoch_end", [None, False])  # both hooks Lightning saves in
+def test_last_checkpoint_is_written_every_epoch_not_only_on_improvement(tmp_path, on_train_epoch_end) -> None:
+    """Lightning 2.6 writes save_last only beside a new best; a resumed run would then restart
+    from its best epoch. EpochCheckpoint writes last.ckpt after every validation."""
+    import torch
+
+    from raserec.lightning_cli import EpochCheckpoint
+
+    class Worsening(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/HR@10", 1.0 / (self.current_epoch + 1))  # best at epoch 0, worse after
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    ckpt = EpochCheckpoint(dirpath=tmp_path, monitor="val/HR@10", mode="max", filename="best", save_last=True,
+                           enable_version_counter=False, save_on_train_epoch_end=on_train_epoch_end)
+    trainer = L.Trainer(max_epochs=3, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Worsening(), data, data)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == 0
+    # The state keeps plain ModelCheckpoint's key: older checkpoints resume with their best score.
+    (key,) = [k for k in last["callbacks"] if "Checkpoint" in k]
+    assert key.startswith("ModelCheckpoint{") and last["callbacks"][key]["best_model_score"] == 1.0
