@@ -171,10 +171,8 @@ class RetrievalAugmentedModule(nn.Module):
                  inner_size: int = 256, dropout: float = 0.5, layer_norm_eps: float = 1e-12,
                  residual: bool = False, init_std: float | None = None) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta <= 1.0:
-            raise ConfigError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
-        if depth < 1:
-            raise ConfigError(f"depth must be >= 1, got {depth}")
+        # One place validates the settings: the typed config (raises ConfigError).
+        RAMConfig(alpha, beta, depth, num_heads, inner_size, dropout, residual, init_std)
         self.hidden_size = hidden_size
         self.alpha = float(alpha)
         self.beta = float(beta)

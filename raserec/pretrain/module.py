@@ -86,7 +86,6 @@ class PretrainModule(RecommenderModule):
     ) -> None:
         super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
         check_optimizer(lr, weight_decay)
-        check(temperature > 0, f"temperature must be > 0 (it divides the similarities), got {temperature}")
         check(lambda_ret >= 0, f"lambda_ret must be >= 0, got {lambda_ret}")
         if positive_pair not in ("none", "same_target", "dropout_and_same_target"):
             raise ConfigError(f"unknown positive_pair {positive_pair!r}")

@@ -146,8 +146,9 @@ class SameTargetInfoNCE(Objective):
 
     def views(self, batch: PretrainBatch) -> dict[str, Tensor]:
         if "positive_ids" not in batch:
-            raise RuntimeError("positive_pair needs same-target positives: set `data.positives: true` in the config "
-                               "(the datamodule attaches them when the module's uses_positives is true)")
+            raise RuntimeError("SameTargetInfoNCE needs same-target positives in the batch: SequenceDataModule "
+                               "attaches them to training batches when the module's uses_positives is true; outside "
+                               "a Trainer, call datamodule.add_positives(batch, epoch)")
         return {self.anchor: batch["input_ids"], "positive": batch["positive_ids"]}
 
     def loss(self, encoder: SequenceEncoder, batch: PretrainBatch, reprs: dict[str, Tensor]) -> Tensor:
