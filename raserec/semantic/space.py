@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -183,8 +184,11 @@ class SemanticSpace:
 _SPACES: dict[tuple, SemanticSpace] = {}
 
 
-def semantic_space(dm: SequenceDataModule, config: SemanticConfig, progress: bool = True) -> SemanticSpace:
-    """The (process-wide, memoised) semantic space of ``dm`` under ``config``."""
+def semantic_space(dm: SequenceDataModule, config: SemanticConfig, progress: bool | None = None) -> SemanticSpace:
+    """The (process-wide, memoised) semantic space of ``dm`` under ``config``; progress bars only
+    on a terminal unless ``progress`` says otherwise (logs of background runs stay readable)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     key = (config, dm.data.content_hash(), str(dm.data_path))
     if key not in _SPACES:
         _SPACES.clear()  # one dataset at a time: the space holds large matrices
