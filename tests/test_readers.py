@@ -127,9 +127,13 @@ def test_lines_normalises_integer_ids_and_whitespace(tmp_path: Path) -> None:
     ],
 )
 def test_lines_errors(tmp_path: Path, text: str, message: str) -> None:
-    path = write(tmp_path, "bad.txt", text)
+    assert_one_line_error(read_lines, write(tmp_path, "bad.txt", text), message)
+
+
+def assert_one_line_error(reader, path: Path, message: str) -> None:
+    """``reader(path)`` fails with one line that names the file and says ``message``."""
     with pytest.raises(DataError) as info:
-        read_lines(path)
+        reader(path)
     assert str(path) in str(info.value)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
@@ -209,12 +213,7 @@ def test_inter_without_timestamp_uses_row_order(tmp_path: Path) -> None:
     ],
 )
 def test_inter_errors(tmp_path: Path, text: str, message: str) -> None:
-    path = write(tmp_path, "bad.inter", text)
-    with pytest.raises(DataError) as info:
-        read_interactions(path)
-    assert str(path) in str(info.value)
-    assert message in str(info.value)
-    assert "\n" not in str(info.value)
+    assert_one_line_error(read_interactions, write(tmp_path, "bad.inter", text), message)
 
 
 # ----------------------------------------------------------------------------- Amazon json
