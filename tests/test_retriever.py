@@ -71,7 +71,16 @@ def test_memories_follow_the_leakage_rule_and_use_the_given_item_table() -> None
     assert bank_rows is not None
     torch.testing.assert_close(retriever.stored_h(bank_rows, "cpu"), h, atol=1e-5, rtol=1e-5)
     pre_rows, pre_mask = retriever.neighbours(h, batch["user"], batch["end"], bank_rows)
-    assert torch.equal(pre_rows, rows) and torch.equal(pre_mask, mask)
+    assert torch.equal(pre_mask, mask)
+    # Same neighbours rank by rank; two entries may only swap places where their scores tie
+    # (stored and recomputed h differ by float rounding, which can flip an exact tie).
+    same = (pre_rows == rows) | ~mask
+    assert same.float().mean() > 0.99
+
+    def scores(r: torch.Tensor) -> torch.Tensor:
+        return (h.unsqueeze(1) * retriever.stored_h(r.clamp(min=0).numpy().reshape(-1), "cpu").view(*r.shape, -1)).sum(-1)
+
+    torch.testing.assert_close(scores(pre_rows)[mask], scores(rows)[mask], atol=1e-4, rtol=1e-4)
 
 
 def test_typed_config_docstrings_are_the_cli_help(capsys) -> None:
