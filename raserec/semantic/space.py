@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from raserec.data.batch import gather_prefixes
+from raserec.data.split import PairSet
 from raserec.errors import ConfigError, check
 from raserec.semantic.embedders import embed_cached, load_checked, make_embedder, save_checked
 from raserec.semantic.generators import generate_cached, make_generator
@@ -136,10 +136,8 @@ class SemanticSpace:
     # -------------------------------------------------------------- prefixes
     def windows(self, user: np.ndarray, end: np.ndarray) -> np.ndarray:
         """Left-padded ``[P, prefix_window]`` item ids of the prefixes ``(user, end)``."""
-        items = torch.from_numpy(self.data.items.astype(np.int64))
-        start = torch.from_numpy(self.data.offsets[user].astype(np.int64))
-        return gather_prefixes(items, start, start + torch.from_numpy(end.astype(np.int64)),
-                               self.config.prefix_window).numpy()
+        pairs = PairSet(user.astype(np.int64), end.astype(np.int64), np.zeros(len(user), dtype=np.int64))
+        return self.dm.pair_dataset(pairs).prefixes(torch.arange(len(user)), self.config.prefix_window).numpy()
 
     def prefix_vectors_of(self, user: np.ndarray, end: np.ndarray) -> np.ndarray:
         """``[P, D]`` vectors of arbitrary prefixes (cached by their content)."""
