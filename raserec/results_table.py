@@ -45,7 +45,7 @@ def quality_table(results: list[tuple[str, dict]]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [(r["dataset"], name, r) for name, r in results
             if any(k in r.get("metrics", {}) for k in QUALITY_KEYS) and "base/test/HR@50" not in r["metrics"]
-            and "experiment_dir" not in r]  # experiments have their own table
+            and "encoder_metrics" not in r]  # two-stage experiments have their own table
     for dataset, name, r in sorted(rows):
         m = r["metrics"]
         cells = [_fmt(m.get(k)) for k in QUALITY_KEYS]
@@ -107,6 +107,8 @@ def experiments_table(results_dir: Path) -> str:
     summaries = sorted(results_dir.glob("*/summary.json"), key=lambda p: ("cpu_short" in p.parent.name, p.name))
     for path in summaries:
         s = json.loads(path.read_text())
+        if "finetune" not in s:  # a one-stage experiment: its results file is a row of the quality table
+            continue
         seeds = ", ".join(map(str, s["seeds"]))
         epochs = ", ".join(f"{e['epochs']['pretrain']} + {e['epochs']['finetune']}" for e in s["per_seed"])
         schedule = ("CPU short (configs/cpu_short.yaml): smoke test, not a result" if "cpu_short" in s["command"]

@@ -170,3 +170,40 @@ def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
     assert summary["finetune"] == {"test/HR@50": 0.32, "test/HR@50_std": 0.0}
     assert summary["per_seed"][0]["base_same_protocol"] == {"HR@50": 0.3}
     assert "| 1 | 0.1000 | — |" in (tmp_path / "beauty_ada" / "summary.md").read_text()
+
+
+def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys):
+    """Without --finetune (SASRec, SRA-CL, GRASP over seeds): one stage per seed, no ranks step,
+    no encoder export, and the results file holds that stage's mean and std."""
+    from raserec.experiments.runner import parse_args, run
+
+    spec = parse_args(["--name", "beauty_grasp", "--pretrain", "configs/beauty_grasp.yaml", "--seeds", "1", "2",
+                       "--results-dir", str(tmp_path)])
+    assert spec.finetune is None and spec.stages == ("pretrain",)
+    values = {1: 0.03, 2: 0.05}
+    for seed, ndcg in values.items():
+        spec.seed_dir(seed).mkdir(parents=True)
+        (spec.seed_dir(seed) / "pretrain.json").write_text(json.dumps({
+            "command": f"raserec fit --seed_everything {seed}", "hardware": "cpu", "dataset": "Beauty",
+            "model": "SASRec + GRASP", "epochs": 30 + seed, "wall_time_s": 100.0, "notes": "to early stopping",
+            "metrics": {"test/NDCG@10": ndcg, "test/HR@10": 2 * ndcg}}))
+    summary = run(spec)
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 2 and "ranks" not in out
+    assert not spec.encoder_record(1).exists()
+    record = json.loads((tmp_path / "beauty_grasp.json").read_text())
+    assert record["metrics"]["test/NDCG@10"] == pytest.approx(0.04)
+    assert record["metrics"]["test/NDCG@10_std"] == pytest.approx(np.std([0.03, 0.05], ddof=1))
+    assert record["seeds"] == [1, 2] and record["model"] == "SASRec + GRASP" and record["wall_time_s"] == 200.0
+    assert record["epochs"] == "31, 32" and summary["metrics"] == record["metrics"]
+    assert "| 2 | — | — | 0.1000 | 0.0500 | 32 | 100 s |" in (tmp_path / "beauty_grasp" / "summary.md").read_text()
+    # one seed: no _std keys (only where there are several seeds)
+    single = parse_args(["--name", "beauty_grasp", "--pretrain", "configs/beauty_grasp.yaml", "--seeds", "2",
+                         "--results-dir", str(tmp_path)])
+    assert run(single)["metrics"] == {"test/NDCG@10": 0.05, "test/HR@10": 0.1}
+    # the README tables list it once, as a single-model row (not as a two-stage experiment)
+    from raserec.results_table import render
+
+    block = render(tmp_path)
+    assert block.count("| beauty_grasp.json |") == 2  # the quality table and the semantic table
+    assert "ours: pre-trained encoder" not in block

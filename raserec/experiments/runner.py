@@ -17,6 +17,10 @@ that command). Layout, for ``--name beauty_raserec``::
 
 A stage is skipped when its results file exists; an interrupted stage resumes from its
 ``last.ckpt``. So re-running the same command after a crash redoes only what is missing.
+
+Without ``--finetune`` the experiment has one stage (a baseline or a one-stage method such as
+SASRec, SRA-CL or GRASP over several seeds): ``seed_<s>/pretrain.json`` per seed, and the summary
+reports that stage's mean +- std.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class ExperimentSpec:
     Attributes:
         name: experiment name; results go to ``<results_dir>/<name>/`` and ``<results_dir>/<name>.json``.
         pretrain: stage-1 config (``PretrainModule``).
-        finetune: stage-2 config whose model takes ``encoder_checkpoint`` (RAFT or Ada-Retrieval).
+        finetune: stage-2 config whose model takes ``encoder_checkpoint`` (RAFT or Ada-Retrieval);
+            ``None`` for a one-stage experiment (a baseline or a one-stage method over seeds).
         seeds: one full pipeline per seed (the paper averages 5 runs).
         overlays: extra configs applied after each stage's config (e.g. ``configs/cpu_short.yaml``).
         data: a data group (``configs/data/<dataset>.yaml``) applied after both stage configs.
@@ -68,7 +73,7 @@ class ExperimentSpec:
 
     name: str
     pretrain: Path
-    finetune: Path
+    finetune: Path | None
     seeds: list[int]
     overlays: list[Path] = field(default_factory=list)
     dataset: str | None = None
@@ -83,6 +88,16 @@ class ExperimentSpec:
     @property
     def out(self) -> Path:
         return self.results_dir / self.name
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages each seed runs, in order."""
+        return STAGES if self.finetune is not None else STAGES[:1]
+
+    @property
+    def final_stage(self) -> str:
+        """The stage whose model the experiment reports."""
+        return self.stages[-1]
 
     def seed_dir(self, seed: int) -> Path:
         return self.out / f"seed_{seed}"
@@ -180,7 +195,7 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
     for which in ("last", "best"):  # the stage is finished: carried checkpoints are no longer needed
         spec.carried(seed, stage, which).unlink(missing_ok=True)
-    if stage == "pretrain":
+    if stage == "pretrain" and spec.finetune is not None:
         export_encoder(spec, seed)
 
 
@@ -226,18 +241,19 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
 def run(spec: ExperimentSpec) -> dict:
     """Run (or resume) every missing stage of every seed, then write the summaries."""
     spec.out.mkdir(parents=True, exist_ok=True)
-    total = len(spec.seeds) * (len(STAGES) + 1)
+    steps = (*spec.stages, "ranks") if spec.finetune is not None else spec.stages
+    total = len(spec.seeds) * len(steps)
     step = 0
     for i, seed in enumerate(spec.seeds, 1):
         spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
-        for stage in (*STAGES, "ranks"):
+        for stage in steps:
             step += 1
             prefix = f"[{spec.name} {step}/{total}] seed {seed} ({i}/{len(spec.seeds)}) {stage}"
             done = (spec.ranks_file(seed).is_file() or _ranks_not_applicable(spec, seed)) if stage == "ranks" \
                 else spec.stage_results(seed, stage).is_file()
             if done:
                 print(f"{prefix}: done earlier, skipped", flush=True)
-                if stage == "pretrain":
+                if stage == "pretrain" and spec.finetune is not None:
                     export_encoder(spec, seed)
                 continue
             start = time.perf_counter()
@@ -272,8 +288,9 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
                "--finetune configs/beauty_raft.yaml --seeds 2024 2025 2026 2027 2028")
     p.add_argument("--name", required=True, help="experiment name: results/<name>/ and results/<name>.json")
     p.add_argument("--pretrain", required=True, type=Path, help="stage-1 config (pre-training)")
-    p.add_argument("--finetune", "--raft", required=True, type=Path,
-                   help="stage-2 config (RAFT or Ada-Retrieval; its encoder_checkpoint is set to stage 1's best)")
+    p.add_argument("--finetune", "--raft", type=Path,
+                   help="stage-2 config (RAFT or Ada-Retrieval; its encoder_checkpoint is set to stage 1's best); "
+                        "omit it for a one-stage experiment (SASRec, SRA-CL, GRASP over seeds)")
     p.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026, 2027, 2028],
                    help="one pipeline per seed (default: five, as the paper)")
     p.add_argument("--overlay", type=Path, action="append", default=[],
@@ -288,7 +305,7 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
-    for path in (a.pretrain, a.finetune, *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
+    for path in (a.pretrain, *([a.finetune] if a.finetune else []), *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
         if not path.is_file():
             raise RaserecError(f"{path}: no such config file")
     fit_args = shlex.split(a.fit_args)

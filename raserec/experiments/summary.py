@@ -57,8 +57,20 @@ def _stage(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _aggregate(per_seed: list[dict[str, Any]], model: str) -> dict[str, float]:
+    """``test/<k>`` means over the seeds of ``per_seed[i][model]``, with ``_std`` beside each."""
+    out: dict[str, float] = {}
+    for k in KEYS:
+        values = [e[model][k] for e in per_seed if e[model].get(k) is not None]
+        if values:
+            out[f"test/{k}"], out[f"test/{k}_std"] = _mean_std(values)
+    return out
+
+
 def summarize(spec) -> dict[str, Any]:
     """Collect the finished seeds of ``spec`` (an :class:`ExperimentSpec`) and write the summaries."""
+    if spec.finetune is None:
+        return summarize_single(spec)
     seeds, per_seed = [], []
     for seed in spec.seeds:
         pre, fine = _stage(spec.stage_results(seed, "pretrain")), _stage(spec.stage_results(seed, "finetune"))
@@ -86,15 +98,7 @@ def summarize(spec) -> dict[str, Any]:
     first_fine = _stage(spec.stage_results(seeds[0], "finetune"))
     dataset = spec.dataset or first_fine.get("dataset") or ""
 
-    def agg(model: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for k in KEYS:
-            values = [e[model][k] for e in per_seed if e[model].get(k) is not None]
-            if values:
-                out[f"test/{k}"], out[f"test/{k}_std"] = _mean_std(values)
-        return out
-
-    encoder, tuned = agg("encoder"), agg("finetune")
+    encoder, tuned = _aggregate(per_seed, "encoder"), _aggregate(per_seed, "finetune")
     across: dict[str, dict[str, float | None]] = {}
     if len(per_seed) > 1:
         for k in TEST_KEYS:
@@ -142,6 +146,53 @@ def summarize(spec) -> dict[str, Any]:
         "experiment_dir": str(spec.out),
     }
     write_results(spec.results_dir / f"{spec.name}.json", record)
+    return summary
+
+
+def summarize_single(spec) -> dict[str, Any]:
+    """The summaries of a one-stage experiment (no ``finetune``): the stage's test metrics, mean
+    +- std over the finished seeds."""
+    per_seed = []
+    for seed in spec.seeds:
+        res = _stage(spec.stage_results(seed, "pretrain"))
+        if res:
+            per_seed.append({"seed": seed, "model": {k: res["metrics"].get(f"test/{k}") for k in KEYS},
+                             "epochs": res.get("epochs"), "wall_time_s": res.get("wall_time_s"),
+                             "command": res.get("command"), "hardware": res.get("hardware"),
+                             "model_name": res.get("model", ""), "notes": res.get("notes", ""),
+                             "dataset": res.get("dataset", "")})
+    if not per_seed:
+        raise ValueError(f"{spec.name}: no seed has finished yet")
+    seeds = [e["seed"] for e in per_seed]
+    metrics = _aggregate(per_seed, "model")
+    if len(seeds) == 1:  # `_std` only where there are several seeds
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_std")}
+    first = per_seed[0]
+    summary = {
+        "name": spec.name, "dataset": spec.dataset or first["dataset"], "backbone": spec.backbone,
+        "seeds": seeds, "seeds_requested": list(spec.seeds), "metrics": metrics, "per_seed": per_seed,
+        "wall_time_s": round(sum(float(e["wall_time_s"] or 0) for e in per_seed), 1),
+        "hardware": first["hardware"], "command": spec.command, "notes": first["notes"], "model": first["model_name"],
+    }
+    spec.out.mkdir(parents=True, exist_ok=True)
+    write_results(spec.out / "summary.json", summary)
+    keys = KEYS[:4]
+    lines = [f"# {spec.name}: {summary['dataset']}, {summary['model'] or spec.name}", "",
+             f"Seeds {', '.join(map(str, seeds))} (of {len(spec.seeds)} requested); total wall time "
+             f"{summary['wall_time_s']:.0f} s on {summary['hardware']}.", "",
+             *([f"Notes: {summary['notes']}", ""] if summary["notes"] else []),
+             "| seed | " + " | ".join(keys) + " | epochs | wall time |", "|---" * (len(keys) + 3) + "|"]
+    for e in per_seed:
+        lines.append(f"| {e['seed']} | " + " | ".join(_f(e["model"].get(k)) for k in keys)
+                     + f" | {e['epochs']} | {float(e['wall_time_s'] or 0):.0f} s |")
+    lines.append("| mean | " + " | ".join(mean_std(metrics, k, len(seeds) > 1) for k in keys) + " | | |")
+    lines += ["", f"Command: `{spec.command}`", "", f"Stage command of the first seed: `{first['command']}`", ""]
+    (spec.out / "summary.md").write_text("\n".join(lines))
+    write_results(spec.results_dir / f"{spec.name}.json", {
+        "command": spec.command, "hardware": summary["hardware"], "dataset": summary["dataset"],
+        "model": summary["model"] or spec.name, "seeds": seeds, "wall_time_s": summary["wall_time_s"],
+        "epochs": ", ".join(str(e["epochs"]) for e in per_seed), "notes": summary["notes"], "metrics": metrics,
+        "experiment_dir": str(spec.out)})
     return summary
 
 
