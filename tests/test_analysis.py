@@ -111,6 +111,23 @@ def test_sensitivity_alpha_one_is_the_encoder_and_beta_needs_two_channels(traine
         sensitivity(ev, str(checkpoint), ["beta"], {"beta": [0.5]}, mode="eval")
 
 
+def test_sensitivity_on_validation_measures_the_validation_queries_with_the_training_bank(trained):
+    """Values are chosen on validation (never on test): --split val ranks the validation queries
+    against the bank of training pairs only, as RAFT's own validation does."""
+    checkpoint, ev = trained
+    table, _ = sensitivity(ev, str(checkpoint), ["alpha", "k"], {"alpha": [1.0, 0.5], "k": [5]}, mode="eval",
+                           split="val")
+    assert (table["split"] == "val").all()
+    val = ev.dm.dataset("val")
+    encoder = metrics_from_ranks(ev.ranks(val, augmented=False, bank=ev.fit_bank()), (5, 10))
+    tuned = metrics_from_ranks(ev.ranks(val, augmented=True, bank=ev.fit_bank()), (5, 10))
+    rows = {(r["param"], r["value"]): r for r in table.iter_rows(named=True)}
+    assert rows["alpha", 1.0]["NDCG@10"] == encoder["NDCG@10"] and rows["alpha", 0.5]["NDCG@10"] == tuned["NDCG@10"]
+    test_tuned = metrics_from_ranks(ev.ranks(augmented=True), (5, 10))
+    assert rows["alpha", 0.5]["NDCG@10"] != test_tuned["NDCG@10"]  # other queries than the test split's
+    assert rows["k", 5.0]["NDCG@10"] != tuned["NDCG@10"] and ev.module.retriever.k == 20  # K varied, then restored
+
+
 def test_sensitivity_retrain_trains_a_ram_per_value(trained):
     checkpoint, ev = trained
     L.seed_everything(0)

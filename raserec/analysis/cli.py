@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["retrain", "eval"], default="retrain",
                    help="retrain: a fresh RAM per value (the paper); eval: vary the trained RAM at test time "
                         "(alpha and K only)")
+    s.add_argument("--split", choices=["val", "test"], default="test",
+                   help="queries measured: val (choose values here, with the training-time bank) or test "
+                        "(report only; never choose on it)")
     s.add_argument("--epochs", type=int, default=1, help="retrain: RAFT epochs per value")
     s.add_argument("--limit-train-batches", type=float, default=1.0,
                    help="retrain: fraction (<= 1) or number (> 1) of training batches per epoch")
@@ -132,8 +135,8 @@ def main(argv: list[str]) -> int:
         limit = args.limit_train_batches
         values = {p: getattr(args, p) for p in ("alpha", "beta", "k") if getattr(args, p)}
         table, fig = sensitivity(ev, str(args.checkpoint), args.params, values, args.mode, args.epochs,
-                                 int(limit) if limit > 1 else limit, args.seed)
-        extra.update({"mode": args.mode, "epochs": args.epochs, "limit_train_batches": limit})
+                                 int(limit) if limit > 1 else limit, args.seed, args.split)
+        extra.update({"mode": args.mode, "split": args.split, "epochs": args.epochs, "limit_train_batches": limit})
     paths = out.write(table, fig, provenance(module, dm, args.checkpoint, **extra))
     _report(table, paths)
     return 0
