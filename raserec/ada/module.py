@@ -195,7 +195,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         if self.retriever is None:
             return None
         h = self.retriever.encode(batch["input_ids"])
-        h_k, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"])
+        h_k, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"], input_ids=batch["input_ids"])
         return lambda u: self.ram(u, h_k, v_k, mask)
 
     # ---------------------------------------------------------------- forward

@@ -30,8 +30,9 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file")
     blob = load_weights_only(checkpoint)
-    if blob.get("hyper_parameters", {}).get("_class_path", "").rsplit(".", 1)[-1] not in ("RAFTModule", ""):
-        raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (class {blob['hyper_parameters']['_class_path']})")
+    class_path = str(blob.get("module_class") or blob.get("hyper_parameters", {}).get("_class_path", ""))
+    if class_path.rsplit(".", 1)[-1] not in (*RAFT_CLASSES, ""):
+        raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (class {class_path})")
     if not any(k.startswith("ram.") for k in blob["state_dict"]):
         raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (no RAM weights); pass the stage-2 checkpoint")
     dm_hp = dict(blob.get("datamodule_hyper_parameters") or {})
@@ -43,10 +44,26 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     dm_hp["cache_dir"] = cache_dir
     dm = SequenceDataModule(**dm_hp)
     dm.setup("test")
-    module = RAFTModule.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
-                                             map_location="cpu", weights_only=True, **overrides)
+    cls = raft_class(class_path)
+    module = cls.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
+                                      map_location="cpu", weights_only=True, **overrides)
+    if hasattr(module, "attach"):  # e.g. semantic keys: tables built from the data, never stored
+        module.attach(dm)
     module.eval()
     return module, dm
+
+
+#: RAFT modules a checkpoint may name (by class name; checkpoints never import arbitrary code).
+RAFT_CLASSES = ("RAFTModule", "SemanticKeysRAFTModule")
+
+
+def raft_class(class_path: str) -> type[RAFTModule]:
+    """The RAFT module class a checkpoint's ``_class_path`` names (plain RAFT when absent)."""
+    if class_path.rsplit(".", 1)[-1] == "SemanticKeysRAFTModule":
+        from raserec.semantic.keys import SemanticKeysRAFTModule
+
+        return SemanticKeysRAFTModule
+    return RAFTModule
 
 
 @dataclass

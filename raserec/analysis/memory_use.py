@@ -65,7 +65,8 @@ def memory_use(ev: Evaluator, seed: int) -> tuple[pl.DataFrame, object, dict]:
     bank = ev.test_bank()
     rng = np.random.default_rng(seed)
     h = encode_pairs(module.encoder, dataset, dm.eval_batch_size, progress=ev.progress)
-    rows, mask = (t.numpy() for t in bank.search(h, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
+    keys = module.retriever.query_keys(torch.from_numpy(h), dataset.prefixes(torch.arange(len(dataset))))
+    rows, mask = (t.numpy() for t in bank.search(keys, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
     kw = {"batch_size": dm.eval_batch_size, "mask_history": module.mask_history, "progress": ev.progress}
 
     def ranks_with(memory_rows: np.ndarray, memory_mask: np.ndarray, on: MemoryBank, desc: str) -> np.ndarray:
@@ -74,8 +75,8 @@ def memory_use(ev: Evaluator, seed: int) -> tuple[pl.DataFrame, object, dict]:
 
     perm = derangement(len(rows), rng)
     keep = rng.random(len(bank)) < 0.5
-    half = MemoryBank.from_arrays(bank.h[keep], bank.users[keep], bank.ends[keep], bank.targets[keep], bank.config)
-    h_rows, h_mask = (t.numpy() for t in half.search(h, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
+    half = bank.subset(keep)
+    h_rows, h_mask = (t.numpy() for t in half.search(keys, dataset.pairs.user, dataset.pairs.end, module.retriever.k))
     ranks = {
         "retrieved": ranks_with(rows, mask, bank, "ranking: retrieved"),
         "none": ev.ranks(augmented=False),

@@ -11,7 +11,6 @@ import polars as pl
 from raserec.analysis.common import Evaluator, bar_line, metrics_from_ranks
 from raserec.errors import RaserecError
 from raserec.evaluation.metrics import relative_change_pct
-from raserec.memory.bank import MemoryBank
 
 #: Paper Table 7: S = prefix length < lo, M = lo..hi, L = > hi.
 PAPER_BOUNDS: dict[str, tuple[int, int]] = {"beauty": (3, 6), "sports": (3, 6), "sports_and_outdoors": (3, 6),
@@ -42,8 +41,7 @@ def partitions(ev: Evaluator, lo: int, hi: int) -> tuple[pl.DataFrame, object]:
         if not keep.any():
             rows.append({"partition": label, "entries": 0, "HR@5": None, "NDCG@5": None})
             continue
-        bank = full if keep.all() else MemoryBank.from_arrays(full.h[keep], full.users[keep], full.ends[keep],
-                                                               full.targets[keep], full.config)
+        bank = full if keep.all() else full.subset(keep)
         m = metrics_from_ranks(ev.ranks(ev.dm.dataset("test"), augmented=True, bank=bank), (5,))
         rows.append({"partition": label, "entries": int(keep.sum()), "HR@5": m["HR@5"], "NDCG@5": m["NDCG@5"]})
     table = pl.DataFrame(rows)

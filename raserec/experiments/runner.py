@@ -63,6 +63,8 @@ class ExperimentSpec:
         data: a data group (``configs/data/<dataset>.yaml``) applied after both stage configs.
         model: a model group (``configs/model/<backbone>.yaml``) applied after the stage-1 config
             only (stage 2 loads the encoder from stage 1).
+        stage1_from: take each seed's stage 1 (results and encoder record) from this experiment
+            instead of training it (a new stage 2 on the same encoders).
         dataset: dataset name for the summary (default: the finetune config's ``results.dataset``).
         backbone: ``sasrec`` / ``gru4rec`` / ``bert4rec``: selects the paper rows to compare with.
         results_dir: where result files go.
@@ -84,6 +86,7 @@ class ExperimentSpec:
     command: str = ""
     data: Path | None = None
     model: Path | None = None
+    stage1_from: str | None = None
 
     @property
     def out(self) -> Path:
@@ -238,9 +241,28 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
     tmp.replace(path)
 
 
+def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
+    """Copy stage 1 of ``seed`` (``pretrain.json`` and ``encoder.pt``) from the experiment
+    ``spec.stage1_from`` when this experiment has none yet; returns whether it copied."""
+    if spec.stage1_from is None or spec.stage_results(seed, "pretrain").is_file():
+        return False
+    source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
+    missing = [name for name in ("pretrain.json", "encoder.pt") if not (source / name).is_file()]
+    if missing:
+        raise RaserecError(f"--stage1-from {spec.stage1_from}: seed {seed} has no finished stage 1 there "
+                           f"(missing {', '.join(str(source / m) for m in missing)})")
+    spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.pt", "pretrain.json"):  # the results file last: it marks stage 1 done
+        shutil.copy2(source / name, spec.seed_dir(seed) / name)
+    log.info("seed %d: stage 1 taken from %s", seed, source)
+    return True
+
+
 def run(spec: ExperimentSpec) -> dict:
     """Run (or resume) every missing stage of every seed, then write the summaries."""
     spec.out.mkdir(parents=True, exist_ok=True)
+    for seed in spec.seeds:  # before any training: a seed missing there fails now, not hours later
+        adopt_stage1(spec, seed)
     steps = (*spec.stages, "ranks") if spec.finetune is not None else spec.stages
     total = len(spec.seeds) * len(steps)
     step = 0
@@ -275,8 +297,10 @@ def _ranks_not_applicable(spec: ExperimentSpec, seed: int) -> bool:
     path = spec.stage_results(seed, "finetune")
     if not path.is_file():
         return False
-    cls = (json.loads(path.read_text()).get("config") or {}).get("model", {}).get("class_path")
-    return cls != "raserec.finetune.module.RAFTModule"
+    from raserec.analysis.evaluator import RAFT_CLASSES
+
+    cls = (json.loads(path.read_text()).get("config") or {}).get("model", {}).get("class_path") or ""
+    return cls.rsplit(".", 1)[-1] not in RAFT_CLASSES
 
 
 def parse_args(argv: list[str]) -> ExperimentSpec:
@@ -303,6 +327,9 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
                    help="selects the paper rows compared against (default: the --model group's name, else sasrec)")
     p.add_argument("--results-dir", type=Path, default=Path("results"))
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--stage1-from", metavar="NAME",
+                   help="take each seed's stage 1 from experiment NAME (results/NAME/seed_<s>/pretrain.json and "
+                        "encoder.pt) instead of training it: a new stage 2 on the same encoders")
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
     for path in (a.pretrain, *([a.finetune] if a.finetune else []), *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
@@ -313,12 +340,15 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
     if managed:
         raise RaserecError(f"--fit-args must not set {', '.join(managed)}: the runner sets it per seed and stage "
                            "(use --seeds, --results-dir and --runs-dir instead)")
+    if a.stage1_from is not None and a.finetune is None:
+        raise RaserecError("--stage1-from needs --finetune (it reuses stage 1 for a new stage 2)")
     if len(set(a.seeds)) != len(a.seeds):
         raise RaserecError(f"--seeds must be distinct, got {a.seeds}")
     backbone = a.backbone or (a.model.stem if a.model is not None and a.model.stem in BACKBONES else "sasrec")
     return ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, backbone,
                           a.results_dir, a.runs_dir, fit_args,
-                          command=shlex.join(["raserec", "experiment", *argv]), data=a.data, model=a.model)
+                          command=shlex.join(["raserec", "experiment", *argv]), data=a.data, model=a.model,
+                          stage1_from=a.stage1_from)
 
 
 def main(argv: list[str]) -> int:

@@ -104,12 +104,15 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
             return None
         return self.retriever.bank_rows(batch)
 
-    def augment(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None) -> Tensor:
+    def augment(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None,
+                input_ids: Tensor | None = None) -> Tensor:
         """h~: retrieve K memories for each query (no leakage) and combine them with RAM.
-        ``bank_rows``: the queries are these bank entries (memories precomputed per bank build)."""
+        ``bank_rows``: the queries are these bank entries (memories precomputed per bank build);
+        ``input_ids``: the queries' items (needed when the bank is searched by a key function)."""
         if not self.uses_retrieval:
             return h
-        rows, mask = self.retriever.neighbours(h, user, end, bank_rows, progress=self._show_progress())
+        rows, mask = self.retriever.neighbours(h, user, end, bank_rows, progress=self._show_progress(),
+                                               input_ids=input_ids)
         return self.mix(h, rows, mask)
 
     def mix(self, h: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
@@ -124,7 +127,7 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         rows = self._training_rows(batch)
         h = self.retriever.stored_h(rows, self.device) if rows is not None else self.retriever.encode(
             batch["input_ids"])
-        return self.augment(h, batch["user"], batch["end"], bank_rows=rows)
+        return self.augment(h, batch["user"], batch["end"], bank_rows=rows, input_ids=batch["input_ids"])
 
     def item_weights(self) -> Tensor:
         return self.encoder.item_weights()
@@ -154,6 +157,8 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         # The frozen encoder travels with the RAFT checkpoint: it can be re-used as
         # encoder_checkpoint and load_encoder() reads it. The faiss index is not stored.
         checkpoint[RECORD_KEY] = encoder_record(self.encoder, self.encoder_data)
+        # Which RAFT module wrote it (a subclass may search its bank differently), for load_raft.
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @property
     def bank_callback(self) -> MemoryBankCallback | None:

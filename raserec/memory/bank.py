@@ -2,7 +2,9 @@
 with faiss, filtered so a query never sees its own pair or its own user's future.
 
 An entry holds
-    key      h / ||h||  (in the faiss index; inner product = cosine similarity)
+    key      h / ||h||  (in the faiss index; inner product = cosine similarity), or, when the bank
+             is built with a key function, that function's vector of the entry, normalised the
+             same way (e.g. collaborative and semantic similarity mixed: ``raserec.semantic.keys``)
     payload  h (unnormalised, float32), the target item id, the user id and the prefix end.
 
 Pure code (no Lightning): :class:`raserec.memory.callback.MemoryBankCallback` decides when a bank
@@ -17,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -103,6 +105,15 @@ def auto_index(n: int) -> tuple[str, int, int]:
 
 
 # ----------------------------------------------------------------------------- helpers
+class KeyFunction(Protocol):
+    """Search keys of sequences from their frozen-encoder ``h`` ``[B, d]`` and item ids ``[B, T]``
+    (what a bank built with it is searched by); ``fingerprint`` names it in the bank's manifest."""
+
+    fingerprint: str
+
+    def __call__(self, h: Tensor, input_ids: Tensor) -> Tensor: ...
+
+
 def _f32(x: Tensor | np.ndarray) -> np.ndarray:
     """float32, C-contiguous numpy copy-if-needed (what faiss accepts)."""
     if isinstance(x, Tensor):
@@ -172,7 +183,8 @@ def encode_pairs(
 
 # ----------------------------------------------------------------------------- the bank
 class MemoryBank:
-    """A faiss index over normalised h plus the payload arrays, row-aligned with the index ids.
+    """A faiss index over normalised keys (h itself by default) plus the payload arrays,
+    row-aligned with the index ids.
 
     Build one with :meth:`build` (encode a :class:`PairDataset`) or :meth:`from_arrays`.
 
@@ -180,16 +192,22 @@ class MemoryBank:
         dim: hidden size d.
         config: index settings.
         encoder_fingerprint: :func:`raserec.checkpoint.state_fingerprint` of the encoder whose
-            h the bank holds (checked by :meth:`load`).
+            h the bank holds (checked by :meth:`load`; with a key function, combined with the
+            function's fingerprint).
         reference_version: the datamodule's ``reference_version`` of the stored pairs.
+        key_dim: the size of separate search keys (``None``: the keys are h, of size ``dim``);
+            queries are then searched with keys of this size, and :attr:`keys` holds the entries'.
     """
 
     def __init__(self, dim: int, config: IndexConfig | None = None, encoder_fingerprint: str | None = None,
-                 reference_version: str | None = None) -> None:
+                 reference_version: str | None = None, key_dim: int | None = None) -> None:
         self.dim = int(dim)
         self.config = config or IndexConfig()
         self.encoder_fingerprint = encoder_fingerprint
         self.reference_version = reference_version
+        self.key_dim = int(key_dim) if key_dim is not None else self.dim
+        #: The entries' search keys when they are not h (``None``: h is the key).
+        self.keys: np.ndarray | None = None if key_dim is None else np.empty((0, self.key_dim), np.float32)
         self.h = np.empty((0, self.dim), np.float32)
         self.users = np.empty(0, np.int64)
         self.ends = np.empty(0, np.int64)
@@ -206,34 +224,51 @@ class MemoryBank:
     @classmethod
     def from_arrays(cls, h: Tensor | np.ndarray, users: Tensor | np.ndarray, ends: Tensor | np.ndarray,
                     targets: Tensor | np.ndarray, config: IndexConfig | None = None,
-                    encoder_fingerprint: str | None = None, reference_version: str | None = None) -> MemoryBank:
-        """Train the index on ``h`` (k-means for IVF) and add every entry."""
+                    encoder_fingerprint: str | None = None, reference_version: str | None = None,
+                    keys: Tensor | np.ndarray | None = None) -> MemoryBank:
+        """Train the index on the keys (``keys``, default ``h``; k-means for IVF) and add every entry."""
         start = time.perf_counter()
         h = _f32(h)
         if h.ndim != 2:
             raise ValueError(f"h must be [P, d], got shape {h.shape}")
-        bank = cls(h.shape[1], config, encoder_fingerprint, reference_version)
-        bank._create_index(normalized(h))
-        bank.add(h, users, ends, targets)
+        keys = None if keys is None else _f32(keys)
+        if keys is not None and (keys.ndim != 2 or len(keys) != len(h)):
+            raise ValueError(f"keys must be [P, d'] with P = {len(h)}, got shape {keys.shape}")
+        bank = cls(h.shape[1], config, encoder_fingerprint, reference_version,
+                   key_dim=None if keys is None else keys.shape[1])
+        bank._create_index(normalized(h if keys is None else keys))
+        bank.add(h, users, ends, targets, keys)
         bank.build_seconds = time.perf_counter() - start
         return bank
 
     @classmethod
     def build(cls, encoder: SequenceEncoder, dataset: PairDataset, config: IndexConfig | None = None, *,
               batch_size: int = 2048, device: torch.device | str | None = None, progress: bool = True,
-              reference_version: str | None = None) -> MemoryBank:
-        """Encode every pair of ``dataset`` with the (frozen) ``encoder`` and index them."""
+              reference_version: str | None = None, key_fn: KeyFunction | None = None) -> MemoryBank:
+        """Encode every pair of ``dataset`` with the (frozen) ``encoder`` and index them (by
+        ``key_fn(h, prefixes)`` when given, else by h)."""
         start = time.perf_counter()
         h = encode_pairs(encoder, dataset, batch_size, device, progress)
         pairs = dataset.pairs
-        bank = cls.from_arrays(h, pairs.user, pairs.end, pairs.target, config,
-                               state_fingerprint(encoder), reference_version)
+        keys = None
+        if key_fn is not None:
+            keys = torch.cat([key_fn(torch.from_numpy(h[rows.numpy()]), dataset.prefixes(rows)).float()
+                              for rows in torch.arange(len(dataset)).split(batch_size)]) if len(dataset) else None
+        fingerprint = state_fingerprint(encoder) if key_fn is None else f"{state_fingerprint(encoder)}+{key_fn.fingerprint}"
+        bank = cls.from_arrays(h, pairs.user, pairs.end, pairs.target, config, fingerprint, reference_version, keys)
         bank.build_seconds = time.perf_counter() - start
         return bank
 
+    def subset(self, keep: np.ndarray) -> MemoryBank:
+        """A new bank of the entries where ``keep`` (bool ``[n]``) is True, with the same keys,
+        settings and fingerprints (its index is trained on those entries)."""
+        keys = None if self.keys is None else self.keys[keep]
+        return MemoryBank.from_arrays(self.h[keep], self.users[keep], self.ends[keep], self.targets[keep],
+                                      self.config, self.encoder_fingerprint, self.reference_version, keys)
+
     def _create_index(self, keys: np.ndarray) -> None:
         """Choose and train the index for ``keys`` (normalised), shrinking IVF when too small."""
-        n, d, cfg = len(keys), self.dim, self.config
+        n, d, cfg = len(keys), self.key_dim, self.config
         kind, nlist, nprobe = auto_index(n) if cfg.kind == "auto" else (cfg.kind, cfg.nlist, cfg.nprobe)
         if kind == "ivf_pq":
             if d % cfg.pq_m:
@@ -271,18 +306,29 @@ class MemoryBank:
         self.index, self.kind, self.nlist = index, kind, nlist
 
     def add(self, h: Tensor | np.ndarray, users: Tensor | np.ndarray, ends: Tensor | np.ndarray,
-            targets: Tensor | np.ndarray) -> None:
-        """Append entries (the dynamic memory bank): no encoder retraining, no index retraining."""
+            targets: Tensor | np.ndarray, keys: Tensor | np.ndarray | None = None) -> None:
+        """Append entries (the dynamic memory bank): no encoder retraining, no index retraining.
+        A bank with separate keys needs the new entries' ``keys`` too."""
         h = _f32(h)
         users, ends, targets = _i64(users), _i64(ends), _i64(targets)
         if h.ndim != 2 or h.shape[1] != self.dim:
             raise ValueError(f"h must be [P, {self.dim}], got shape {h.shape}")
         if not len(h) == len(users) == len(ends) == len(targets):
             raise ValueError("h, users, ends and targets must have the same length")
+        if (keys is None) != (self.keys is None):
+            raise ValueError("this bank's keys are h: pass no keys" if self.keys is None
+                             else "this bank has separate keys: pass the new entries' keys")
+        if keys is not None:
+            keys = _f32(keys)
+            if keys.shape != (len(h), self.key_dim):
+                raise ValueError(f"keys must be [{len(h)}, {self.key_dim}], got shape {keys.shape}")
+        index_keys = h if keys is None else keys
         if self.index is None:
-            self._create_index(normalized(h))
+            self._create_index(normalized(index_keys))
         if len(h):
-            self.index.add(normalized(h))
+            self.index.add(normalized(index_keys))
+        if keys is not None:
+            self.keys = np.concatenate([self.keys, keys]) if len(self.keys) else keys
         self.h = np.concatenate([self.h, h]) if len(self.h) else h
         self.users = np.concatenate([self.users, users])
         self.ends = np.concatenate([self.ends, ends])
@@ -330,7 +376,8 @@ class MemoryBank:
     def search(self, query_h: Tensor | np.ndarray, query_user: Tensor | np.ndarray,
                query_end: Tensor | np.ndarray, k: int, overfetch: int | None = None,
                max_rounds: int = 4) -> tuple[Tensor, Tensor]:
-        """The ``k`` most similar allowed entries of each query.
+        """The ``k`` most similar allowed entries of each query (``query_h``: the queries' keys,
+        h unless the bank was built with a key function).
 
         Returns ``rows`` ``[B, k]`` int64 (bank rows, ``-1`` in empty slots) and ``mask``
         ``[B, k]`` bool (True = a real neighbour), best first. How many candidates are fetched
@@ -346,8 +393,8 @@ class MemoryBank:
         if k <= 0 or len(self) == 0 or b == 0:
             k = max(k, 0)
             return torch.full((b, k), -1, dtype=torch.int64), torch.zeros(b, k, dtype=torch.bool)
-        if keys.shape[1] != self.dim:
-            raise ValueError(f"query_h has dimension {keys.shape[1]}, the bank {self.dim}")
+        if keys.shape[1] != self.key_dim:
+            raise ValueError(f"query keys have dimension {keys.shape[1]}, the bank's keys {self.key_dim}")
         keys = normalized(keys)
         n = len(self)
         overfetch = overfetch if overfetch is not None else self.config.overfetch
@@ -381,7 +428,7 @@ class MemoryBank:
         return torch.from_numpy(out_rows), torch.from_numpy(out_mask)
 
     def self_neighbours(self, k: int, chunk: int = 16384, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` for every entry of the bank used as a query (its own h, user and end):
+        """:meth:`search` for every entry of the bank used as a query (its own key, user and end):
         ``rows`` ``[n, k]`` and ``mask`` ``[n, k]``, row ``i`` belonging to entry ``i``.
 
         RAFT's training queries are exactly the fit bank's entries, and with a frozen encoder and a
@@ -392,12 +439,13 @@ class MemoryBank:
         """
         if k not in self._self_neighbours:
             n = len(self)
+            keys = self.h if self.keys is None else self.keys
             rows = np.full((n, k), -1, np.int64)
             mask = np.zeros((n, k), bool)
             for start in tqdm(range(0, n, chunk), desc="memory bank: retrieving for training queries",
                               unit="chunk", disable=not progress, leave=False):
                 stop = min(start + chunk, n)
-                r, m = self.search(self.h[start:stop], self.users[start:stop], self.ends[start:stop], k)
+                r, m = self.search(keys[start:stop], self.users[start:stop], self.ends[start:stop], k)
                 rows[start:stop], mask[start:stop] = r.numpy(), m.numpy()
             self._self_neighbours[k] = (rows, mask)
         return self._self_neighbours[k]
@@ -431,6 +479,7 @@ class MemoryBank:
             "reference_version": self.reference_version,
             "size": len(self),
             "dim": self.dim,
+            "key_dim": None if self.keys is None else self.key_dim,
             "index_kind": self.kind,
             "nlist": self.nlist,
             "nprobe": self.nprobe,
@@ -446,7 +495,8 @@ class MemoryBank:
         if self.index is None:  # a bank that never saw an entry: save an empty exact index
             self._create_index(np.empty((0, self.dim), np.float32))
         faiss.write_index(self.index, str(directory / _INDEX))
-        np.savez(directory / _PAYLOAD, h=self.h, users=self.users, ends=self.ends, targets=self.targets)
+        extra = {} if self.keys is None else {"keys": self.keys}
+        np.savez(directory / _PAYLOAD, h=self.h, users=self.users, ends=self.ends, targets=self.targets, **extra)
         tmp = directory / (_MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
         tmp.replace(directory / _MANIFEST)
@@ -475,16 +525,20 @@ class MemoryBank:
         check_manifest(manifest, directory, expected_encoder, expected_reference_version)
         known = {f.name for f in fields(IndexConfig)}
         config = IndexConfig(**{k: v for k, v in manifest["config"].items() if k in known})
-        bank = cls(manifest["dim"], config, manifest["encoder_fingerprint"], manifest["reference_version"])
+        bank = cls(manifest["dim"], config, manifest["encoder_fingerprint"], manifest["reference_version"],
+                   key_dim=manifest.get("key_dim"))
         try:
             bank.index = faiss.read_index(str(directory / _INDEX))
             with np.load(directory / _PAYLOAD) as payload:
                 bank.h = np.ascontiguousarray(payload["h"], np.float32)
                 bank.users, bank.ends, bank.targets = (payload[k].astype(np.int64) for k in ("users", "ends", "targets"))
+                if bank.keys is not None:
+                    bank.keys = np.ascontiguousarray(payload["keys"], np.float32)
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{directory}: damaged memory bank ({type(exc).__name__}: {exc})") from exc
         bank.kind, bank.nlist = manifest["index_kind"], manifest["nlist"]
-        if not bank.index.ntotal == len(bank.h) == len(bank.users) == manifest["size"]:
+        if not bank.index.ntotal == len(bank.h) == len(bank.users) == manifest["size"] or (
+                bank.keys is not None and len(bank.keys) != len(bank.h)):
             raise CheckpointError(f"{directory}: index has {bank.index.ntotal} entries, payload {len(bank.h)}, "
                                   f"manifest {manifest['size']}")
         bank.set_nprobe(manifest["nprobe"])

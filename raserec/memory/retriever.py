@@ -22,7 +22,7 @@ from torch import Tensor
 from raserec.checkpoint import state_fingerprint
 from raserec.data.batch import PairDataset, SequenceBatch
 from raserec.errors import CheckpointError, RaserecError, check
-from raserec.memory.bank import IndexConfig, IndexKind, MemoryBank
+from raserec.memory.bank import IndexConfig, IndexKind, KeyFunction, MemoryBank
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.typed_config import coerce_config
 
@@ -101,11 +101,15 @@ class MemoryRetriever:
         config: bank settings; ``config.k`` is the initial :attr:`k` (analyses may change it).
         item_embedding: maps target ids to the value embeddings v_k (RAFT: the frozen item table;
             Ada-Retrieval: the fine-tuned backbone's).
+        key_fn: search keys from (h, item ids) instead of h itself (e.g. collaborative and
+            semantic similarity mixed, :class:`raserec.semantic.keys.SemanticKeys`); may be set
+            later (:attr:`key_fn`), before the bank is built. The memories' payload stays h.
     """
 
     def __init__(self, key_encoder: SequenceEncoder, config: BankConfig,
-                 item_embedding: Callable[[Tensor], Tensor]) -> None:
+                 item_embedding: Callable[[Tensor], Tensor], key_fn: KeyFunction | None = None) -> None:
         self.key_encoder = key_encoder
+        self.key_fn = key_fn
         self.config = config
         self.k = config.k
         self.item_embedding = item_embedding
@@ -131,7 +135,7 @@ class MemoryRetriever:
         start = time.perf_counter()
         self.bank = MemoryBank.build(self.key_encoder, dataset, self.config.index_config(),
                                      batch_size=self.config.batch_size, device=device, progress=progress,
-                                     reference_version=reference_version)
+                                     reference_version=reference_version, key_fn=self.key_fn)
         self.last_build_seconds = time.perf_counter() - start
         self.num_builds += 1
         return self.bank
@@ -142,7 +146,7 @@ class MemoryRetriever:
         (``config.save_dir``), else a new build (saved there when ``writer``, the global rank
         zero under DDP). Returns the bank and what happened: ``kept``, ``loaded`` or ``built``."""
         version = source.reference_version(stage)
-        fingerprint = state_fingerprint(self.key_encoder)
+        fingerprint = self.fingerprint()
         bank = self.bank
         if bank is not None and bank.reference_version == version and bank.encoder_fingerprint == fingerprint:
             return bank, "kept"
@@ -172,6 +176,11 @@ class MemoryRetriever:
         log.info("memory bank: loaded %d entries from %s", len(bank), directory)
         return bank
 
+    def fingerprint(self) -> str:
+        """What the bank's keys are a function of: the key encoder's weights (and the key function)."""
+        encoder = state_fingerprint(self.key_encoder)
+        return encoder if self.key_fn is None else f"{encoder}+{self.key_fn.fingerprint}"
+
     # ---------------------------------------------------------------- retrieval
     def encode(self, input_ids: Tensor) -> Tensor:
         """h of the sequences from the frozen key encoder."""
@@ -195,11 +204,22 @@ class MemoryRetriever:
         """The h the bank stores for its entries ``rows`` (what the key encoder gives them)."""
         return torch.from_numpy(self.require_bank().h[rows]).to(device)
 
+    def query_keys(self, h: Tensor, input_ids: Tensor | None) -> Tensor:
+        """The search keys of queries with representations ``h`` and items ``input_ids``: h itself,
+        or ``key_fn(h, input_ids)``."""
+        if self.key_fn is None:
+            return h
+        if input_ids is None:
+            raise RaserecError("this retriever searches by a key function of (h, item ids): pass input_ids")
+        with torch.no_grad():
+            return self.key_fn(h, input_ids.to(h.device))
+
     def neighbours(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None,
-                   progress: bool = False) -> tuple[Tensor, Tensor]:
+                   progress: bool = False, input_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Bank rows ``[B, k]`` and mask of each query's k allowed memories. With ``bank_rows``
         (the queries are these bank entries) and ``config.precompute``, the memories of all
-        entries are searched once per bank build and looked up."""
+        entries are searched once per bank build and looked up. With a key function the queries'
+        ``input_ids`` are needed (their keys are ``key_fn(h, input_ids)``)."""
         start = time.perf_counter()
         bank = self.require_bank()
         if self.k > len(bank) and not self._warned_small_bank:
@@ -210,7 +230,7 @@ class MemoryRetriever:
             all_rows, all_mask = bank.self_neighbours(self.k, progress=progress)
             rows, mask = torch.from_numpy(all_rows[bank_rows]), torch.from_numpy(all_mask[bank_rows])
         else:
-            rows, mask = bank.search(h, user, end, self.k)
+            rows, mask = bank.search(self.query_keys(h, input_ids), user, end, self.k)
         self.retrieval_seconds = time.perf_counter() - start
         return rows, mask
 
@@ -221,9 +241,9 @@ class MemoryRetriever:
         return h_k.to(device), self.item_embedding(targets.to(device)), mask.to(device)
 
     def memories(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None,
-                 progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                 progress: bool = False, input_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`neighbours` then :meth:`gather`: h_k, v_k and mask of each query, on h's device."""
-        rows, mask = self.neighbours(h, user, end, bank_rows, progress)
+        rows, mask = self.neighbours(h, user, end, bank_rows, progress, input_ids)
         return self.gather(rows, mask, h.device)
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from raserec.data.batch import PretrainBatch, SequenceBatch
@@ -37,7 +36,7 @@ from raserec.models.losses import next_item_loss
 from raserec.pretrain.module import PretrainModule
 from raserec.pretrain.objectives import NextItemCE
 from raserec.semantic.embedders import EMBEDDERS
-from raserec.semantic.space import SemanticConfig, semantic_space
+from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_space
 from raserec.typed_config import coerce_config
 
 
@@ -114,7 +113,7 @@ class GRASPModule(PretrainModule):
             for chunk in torch.arange(len(train)).split(8192)])
 
     def _user_vectors(self, ids: Tensor) -> Tensor:
-        return F.normalize(self.item_semantic[ids[:, -self.semantic.prefix_window:]].sum(1), dim=-1)
+        return mean_item_vectors(self.item_semantic, ids, self.semantic.prefix_window)
 
     def _similar(self, user: Tensor, user_ids: Tensor) -> Tensor:
         sims = user @ self.user_bank.T  # [B, U]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raserec.data.split import PairSet
 from raserec.errors import ConfigError, check
@@ -177,6 +178,14 @@ class SemanticSpace:
         """``[U, D]`` each user's training-part vector (the first ``n - 2`` items)."""
         users = np.arange(self.data.num_users, dtype=np.int64)
         return self.prefix_vectors_of(users, self.data.lengths.astype(np.int64) - 2)
+
+
+def mean_item_vectors(item_vectors: torch.Tensor, ids: torch.Tensor, window: int) -> torch.Tensor:
+    """``mean_items`` prefix vectors in torch: the normalised sum of the vectors ``[N + 1, D]`` of
+    the last ``window`` items of each left-padded row of ``ids`` ``[B, T]`` (padding and text-less
+    items have zero vectors; a row with none gets a zero vector), as
+    :meth:`SemanticSpace.prefix_vectors_of` computes them in numpy."""
+    return F.normalize(item_vectors[ids[:, -window:]].sum(1), dim=-1)
 
 
 _SPACES: dict[tuple, SemanticSpace] = {}
