@@ -117,7 +117,7 @@ class ResultsWriter(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith(("test/", "base/test/"))}
-        metrics.update({f"{k}_std": 0.0 for k in list(metrics)})
+        # One run, one seed: no `_std` keys (they appear only in summaries over several seeds).
         seed = os.environ.get("PL_GLOBAL_SEED")
         record = {
             "command": command_line(),

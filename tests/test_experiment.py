@@ -167,7 +167,7 @@ def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
     (seed_dir / "finetune.json").write_text(json.dumps({**common, "model": "Ada", "metrics": {
         "test/HR@50": 0.32, "base/test/HR@50": 0.3}}))
     summary = summarize(spec)
-    assert summary["finetune"] == {"test/HR@50": 0.32, "test/HR@50_std": 0.0}
+    assert summary["finetune"] == {"test/HR@50": 0.32}  # one seed: no std
     assert summary["per_seed"][0]["base_same_protocol"] == {"HR@50": 0.3}
     assert "| 1 | 0.1000 | — |" in (tmp_path / "beauty_ada" / "summary.md").read_text()
 

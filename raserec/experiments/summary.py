@@ -58,12 +58,15 @@ def _stage(path: Path) -> dict[str, Any]:
 
 
 def _aggregate(per_seed: list[dict[str, Any]], model: str) -> dict[str, float]:
-    """``test/<k>`` means over the seeds of ``per_seed[i][model]``, with ``_std`` beside each."""
+    """``test/<k>`` means over the seeds of ``per_seed[i][model]``, with ``_std`` beside each where
+    there are several seeds."""
     out: dict[str, float] = {}
     for k in KEYS:
         values = [e[model][k] for e in per_seed if e[model].get(k) is not None]
         if values:
-            out[f"test/{k}"], out[f"test/{k}_std"] = _mean_std(values)
+            out[f"test/{k}"], std = _mean_std(values)
+            if len(values) > 1:
+                out[f"test/{k}_std"] = std
     return out
 
 
@@ -165,8 +168,6 @@ def summarize_single(spec) -> dict[str, Any]:
         raise ValueError(f"{spec.name}: no seed has finished yet")
     seeds = [e["seed"] for e in per_seed]
     metrics = _aggregate(per_seed, "model")
-    if len(seeds) == 1:  # `_std` only where there are several seeds
-        metrics = {k: v for k, v in metrics.items() if not k.endswith("_std")}
     first = per_seed[0]
     summary = {
         "name": spec.name, "dataset": spec.dataset or first["dataset"], "backbone": spec.backbone,
