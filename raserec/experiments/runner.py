@@ -225,7 +225,7 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
 
     config = json.loads(spec.stage_results(seed, "finetune").read_text())["config"]
     module, dm = load_raft(spec.checkpoint(seed, "finetune"), cache_dir=config["data"].get("cache_dir"))
-    ev = Evaluator(module, dm)
+    ev = Evaluator(module, dm, progress=sys.stderr.isatty())  # background logs stay readable
     base, tuned = ev.ranks(augmented=False), ev.ranks(augmented=True)
     for stage, ranks in (("pretrain", base), ("finetune", tuned)):
         logged = json.loads(spec.stage_results(seed, stage).read_text())["metrics"].get("test/NDCG@10")

@@ -36,7 +36,7 @@ from raserec.models.losses import next_item_loss
 from raserec.pretrain.module import PretrainModule
 from raserec.pretrain.objectives import NextItemCE
 from raserec.semantic.embedders import EMBEDDERS
-from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_space
+from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_space, trainer_datamodule
 from raserec.typed_config import coerce_config
 
 
@@ -90,10 +90,7 @@ class GRASPModule(PretrainModule):
 
     def setup(self, stage: str) -> None:
         RecommenderModule.setup(self, stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            raise ConfigError("GRASP needs the datamodule (its semantic tables come from the data)")
-        self.attach(dm)
+        self.attach(trainer_datamodule(self, "GRASP's semantic tables"))
 
     def attach(self, dm) -> None:
         """Build the semantic tables of ``dm`` into the module's buffers."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from raserec.errors import ConfigError, check
 from raserec.finetune.module import RAFTModule
-from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_space
+from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_space, trainer_datamodule
 from raserec.typed_config import coerce_config
 
 
@@ -91,10 +91,7 @@ class SemanticKeysRAFTModule(RAFTModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            raise ConfigError("semantic keys need the datamodule (the item text comes from the data)")
-        self.attach(dm)
+        self.attach(trainer_datamodule(self, "semantic memory keys"))
 
     def attach(self, dm) -> None:
         """Give the retriever the key function of ``dm``'s item text (before the bank is built)."""

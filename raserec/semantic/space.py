@@ -180,6 +180,15 @@ class SemanticSpace:
         return self.prefix_vectors_of(users, self.data.lengths.astype(np.int64) - 2)
 
 
+def trainer_datamodule(module, needs: str):
+    """The datamodule of ``module``'s trainer (semantic tables come from the data); a one-line
+    :class:`ConfigError` saying what ``needs`` it when there is none."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    if dm is None:
+        raise ConfigError(f"{needs} come from the data: run the module with a datamodule")
+    return dm
+
+
 def mean_item_vectors(item_vectors: torch.Tensor, ids: torch.Tensor, window: int) -> torch.Tensor:
     """``mean_items`` prefix vectors in torch: the normalised sum of the vectors ``[N + 1, D]`` of
     the last ``window`` items of each left-padded row of ``ids`` ``[B, T]`` (padding and text-less
