@@ -114,7 +114,10 @@ def experiments_table(results_dir: Path) -> str:
         schedule = ("CPU short (configs/cpu_short.yaml): smoke test, not a result" if "cpu_short" in s["command"]
                     else "converged: both stages to early stopping (patience 10)")
         common = f" | {seeds} | {epochs} | {schedule} | {s['wall_time_s']:.0f} s | {s['hardware']} | `{s['command']}` |"
-        rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec", s["finetune"])]
+        # Plain RAFT is "RaSeRec"; a variant (e.g. semantic memory keys) is named by its results model.
+        plain = s.get("finetune_class", "").rsplit(".", 1)[-1] in ("RAFTModule", "")
+        rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec" if plain else f"ours: {s['model']}",
+                                                              s["finetune"])]
         for label, m in rows:
             lines.append(f"| {s['dataset']} | {s['backbone']} | {label} | " +
                          " | ".join(mean_std(m, k, len(s["seeds"]) > 1) for k in EXPERIMENT_KEYS) + common)
@@ -147,11 +150,15 @@ def semantic_table(results_dir: Path) -> str:
         rows.setdefault(prefix, []).append((r["model"], r["metrics"], ", ".join(map(str, r.get("seeds", []))),
                                             path.name))
     for prefix in list(rows):
-        summary = results_dir / f"{prefix}_raserec" / "summary.json"
-        if summary.is_file():
+        # RaSeRec and its variants on the SASRec backbone (e.g. semantic memory keys), converged runs only
+        for summary in sorted(results_dir.glob(f"{prefix}_*raserec/summary.json")):
             s = json.loads(summary.read_text())
-            rows[prefix].append(("RaSeRec (pre-training + RAFT, collaborative retrieval)", s["finetune"],
-                                 ", ".join(map(str, s["seeds"])), f"{prefix}_raserec/summary.json"))
+            if "finetune" not in s or s.get("backbone") != "sasrec" or "cpu_short" in s.get("command", ""):
+                continue
+            name = s.get("model") if summary.parent.name != f"{prefix}_raserec" else ""
+            label = name or "RaSeRec (pre-training + RAFT, collaborative retrieval)"
+            rows[prefix].append((label, s["finetune"], ", ".join(map(str, s["seeds"])),
+                                 f"{summary.parent.name}/summary.json"))
     head = ("| dataset | model (text source + encoder) | " + " | ".join(SEMANTIC_KEYS) +
             " | NDCG@10 vs SASRec | HR@20 vs SASRec | seeds | file |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

@@ -189,6 +189,8 @@ def test_stage1_from_reuses_another_experiments_encoders(tmp_path, capsys) -> No
                        "--stage1-from", "beauty_raserec", "--seeds", "2024", "--results-dir", str(tmp_path)])
     assert adopt_stage1(spec, 2024) and not adopt_stage1(spec, 2024)  # copied once
     assert spec.encoder_record(2024).read_bytes() == b"record"
+    adopted = json.loads(spec.stage_results(2024, "pretrain").read_text())
+    assert adopted["adopted_from"] == str(source) and adopted["metrics"] == {"test/NDCG@10": 0.04}
     args = stage_command(spec, 2024, "finetune")
     assert args[args.index("--model.init_args.encoder_checkpoint") + 1] == str(spec.encoder_record(2024))
     assert main(["experiment", "--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",

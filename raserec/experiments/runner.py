@@ -251,9 +251,13 @@ def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
     if missing:
         raise RaserecError(f"--stage1-from {spec.stage1_from}: seed {seed} has no finished stage 1 there "
                            f"(missing {', '.join(str(source / m) for m in missing)})")
+    from raserec.results import write_results
+
     spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
-    for name in ("encoder.pt", "pretrain.json"):  # the results file last: it marks stage 1 done
-        shutil.copy2(source / name, spec.seed_dir(seed) / name)
+    shutil.copy2(source / "encoder.pt", spec.encoder_record(seed))
+    record = json.loads((source / "pretrain.json").read_text())
+    record["adopted_from"] = str(source)  # the summary does not count its wall time again
+    write_results(spec.stage_results(seed, "pretrain"), record)  # last: it marks stage 1 done
     log.info("seed %d: stage 1 taken from %s", seed, source)
     return True
 

@@ -86,7 +86,10 @@ def summarize(spec) -> dict[str, Any]:
             "base_same_protocol": {k: fine["metrics"][f"base/test/{k}"] for k in KEYS
                                    if f"base/test/{k}" in fine["metrics"]},
             "epochs": {"pretrain": pre.get("epochs"), "finetune": fine.get("epochs")},
-            "wall_time_s": {"pretrain": pre.get("wall_time_s"), "finetune": fine.get("wall_time_s")},
+            # A stage 1 taken from another experiment (--stage1-from) cost this one nothing.
+            "wall_time_s": {"pretrain": 0.0 if pre.get("adopted_from") else pre.get("wall_time_s"),
+                            "finetune": fine.get("wall_time_s")},
+            "stage1_from": pre.get("adopted_from"),
             "commands": {"pretrain": pre.get("command"), "finetune": fine.get("command")},
             "hardware": fine.get("hardware") or pre.get("hardware"),
         }
@@ -129,6 +132,7 @@ def summarize(spec) -> dict[str, Any]:
         "command": spec.command,
         "notes": first_fine.get("notes", ""),
         "model": first_fine.get("model", ""),
+        "finetune_class": ((first_fine.get("config") or {}).get("model") or {}).get("class_path", ""),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     write_results(spec.out / "summary.json", summary)
