@@ -114,8 +114,9 @@ def experiments_table(results_dir: Path) -> str:
         schedule = ("CPU short (configs/cpu_short.yaml): smoke test, not a result" if "cpu_short" in s["command"]
                     else "converged: both stages to early stopping (patience 10)")
         common = f" | {seeds} | {epochs} | {schedule} | {s['wall_time_s']:.0f} s | {s['hardware']} | `{s['command']}` |"
-        # Plain RAFT is "RaSeRec"; a variant (e.g. semantic memory keys) is named by its results model.
-        plain = s.get("finetune_class", "").rsplit(".", 1)[-1] in ("RAFTModule", "")
+        # Plain RAFT is "RaSeRec"; a variant (semantic memory keys, an ablation) is named by its results model.
+        plain = (s.get("finetune_class") or "").rsplit(".", 1)[-1] in ("RAFTModule", "") and \
+            s.get("model", "").startswith("RaSeRec (RAFT")
         rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec" if plain else f"ours: {s['model']}",
                                                               s["finetune"])]
         for label, m in rows:

@@ -249,17 +249,22 @@ def test_hae_is_causal_and_sigmoid_differs_from_softmax() -> None:
 
     torch.manual_seed(0)
     hae = HolisticAttention(semantic_dim=8, hidden_size=4).eval()
-    e, s, s2 = torch.randn(2, 6, 4), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
-    u, u2 = torch.randn(2, 8), torch.randn(2, 8)
-    real = torch.tensor([[False, True, True, True, True, True]] * 2)
-    out = hae(e, s, s2, u, u2, real)
-    s_changed = s.clone()
-    s_changed[:, -1] += 5.0  # the newest item's text changes: earlier positions must not see it
-    changed = hae(e, s_changed, s2, u, u2, real)
+    table, similar = torch.randn(12, 8), torch.randn(12, 8)
+    table[0] = similar[0] = 0.0  # padding
+    ids = torch.tensor([[0, 3, 5, 3, 7, 9], [0, 0, 1, 2, 4, 11]])  # item 3 twice: one row of work, two uses
+    e, u, u2 = torch.randn(2, 6, 4), torch.randn(2, 8), torch.randn(2, 8)
+    out = hae(e, ids, table, similar, u, u2)
+    changed_table = table.clone()
+    changed_table[[9, 11]] += 5.0  # the newest items' text changes: earlier positions must not see it
+    changed = hae(e, ids, changed_table, similar, u, u2)
     assert torch.allclose(out[:, :-1], changed[:, :-1]) and not torch.allclose(out[:, -1], changed[:, -1])
+    # keys and values per distinct item equal the per-position computation
+    k, v = hae.item_keys_values(table, ids)
+    x = hae.item_adapter(table[ids])
+    assert torch.allclose(k, hae.key(x), atol=1e-6) and torch.allclose(v, hae.value(x), atol=1e-6)
     soft = HolisticAttention(8, 4, HAEConfig(score_fn="softmax"))
     soft.load_state_dict(hae.state_dict())
-    assert not torch.allclose(soft.eval()(e, s, s2, u, u2, real), out)
+    assert not torch.allclose(soft.eval()(e, ids, table, similar, u, u2), out)
 
 
 def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torch_thread) -> None:
@@ -280,11 +285,32 @@ def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torc
     assert torch.allclose(similar, module.user_bank[best_other].mean(1))
     h = module.user_representation(batch)
     assert h.shape == (len(batch["user"]), 16) and torch.isfinite(h).all()
+    # HAE runs only as wide as the longest row: the same output as on the full, padded width
+    module.eval()
+    ids = torch.cat([torch.zeros(len(batch["user"]), 7, dtype=torch.long), batch["input_ids"]], dim=1)[:, -50:]
+    ids[:, :-20] = 0  # at most 20 items per row, so the batch is narrower than max_len
+    narrow = {**batch, "input_ids": ids}
+    x = module.hae(module.encoder.item_embedding(ids), ids, module.item_semantic, module.similar_semantic,
+                   *module._contexts(narrow))
+    full = module.encoder(ids, item_embeddings=x)
+    trimmed = module.user_representation(narrow)
+    assert (ids[:, :30] == 0).all() and torch.allclose(trimmed, full, atol=1e-5)
     # Training pairs' similar users are precomputed once; they equal the per-batch search.
     train = next(iter(slice_dm.train_dataloader()))
     _, fast = module._contexts(train, training=True)
     _, searched = module._contexts(train, training=False)
     assert len(module.train_similar) == len(slice_dm.pairs("train")) and torch.allclose(fast, searched, atol=1e-6)
+    # ... and so are the validation and test queries' (told apart by where their prefix ends)
+    for split in ("val", "test"):
+        batch = next(iter(getattr(slice_dm, f"{split}_dataloader")()))
+        _, fast = module._contexts(batch)
+        owners = batch["user"]
+        searched = module.user_bank[module._similar(module._user_vectors(batch["input_ids"]), owners)].mean(1)
+        assert torch.allclose(fast, searched, atol=1e-6), split
+        saved, module.eval_similar = module.eval_similar, torch.zeros_like(module.eval_similar)
+        _, from_table = module._contexts(batch)  # the table is what answered
+        module.eval_similar = saved
+        assert torch.allclose(from_table, module.user_bank[0].expand_as(from_table)), split
 
 
 # -------------------------------------------------------------------- CLI

@@ -87,37 +87,53 @@ class HolisticAttention(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
         self.scale = 1.0 / math.sqrt(hidden_size)
 
-    def _attend(self, q: Tensor, x: Tensor, mask: Tensor, norm: nn.Module) -> Tensor:
-        scores = (q @ self.key(x).transpose(1, 2)) * self.scale  # [B, T(q), T(k)]
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, norm: nn.Module) -> Tensor:
+        scores = (q @ k.transpose(1, 2)) * self.scale  # [B, T(q), T(k)]
         if self.config.score_fn == "sigmoid":
             weights = torch.sigmoid(scores) * mask
         else:
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-        out = weights @ self.value(x)
+        out = weights @ v
         if self.config.norm == "length":
             return out / mask.sum(-1, keepdim=True).clamp_min(1)
         return norm(out)
 
-    def forward(self, ids_embedding: Tensor, item_semantic: Tensor, similar_semantic: Tensor,
-                user_semantic: Tensor, similar_user_semantic: Tensor, real: Tensor) -> Tensor:
-        """``ids_embedding`` ``[B, T, d]``; ``item_semantic``, ``similar_semantic`` ``[B, T, D]``;
-        ``user_semantic``, ``similar_user_semantic`` ``[B, D]``; ``real`` bool ``[B, T]``."""
+    def item_keys_values(self, table: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, T, d]`` of the items ``ids`` from their semantic rows of ``table``
+        ``[N + 1, D]``: ``W_K f_I(s)`` and ``W_V f_I(s)`` are functions of the item alone, so they are
+        computed once per distinct item of the batch (a few thousand rows instead of B x T; the
+        same values and gradients as per position)."""
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        x = self.item_adapter(table[uniq])
+        return self.key(x)[inverse], self.value(x)[inverse]
+
+    def forward(self, ids_embedding: Tensor, ids: Tensor, item_table: Tensor, similar_table: Tensor,
+                user_semantic: Tensor, similar_user_semantic: Tensor) -> Tensor:
+        """``ids_embedding`` ``[B, T, d]`` of the left-padded item ``ids`` ``[B, T]`` (0 = padding);
+        ``item_table`` (the items' own semantics) and ``similar_table`` (the mean semantics of each
+        item's neighbours) ``[N + 1, D]``; ``user_semantic``, ``similar_user_semantic`` ``[B, D]``.
+        Returns ``[B, T, d]``, zero at padding positions."""
         cfg = self.config
+        real = ids > 0
         t = real.size(1)
         causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
         mask = causal & real[:, None, :]  # query t sees real items j <= t
         c = self.user_adapter(user_semantic).unsqueeze(1)  # [B, 1, d]
         parts = [ids_embedding] if cfg.include_id else []
         if cfg.use_self or cfg.use_global:
-            x = self.item_adapter(item_semantic)
+            k, v = self.item_keys_values(item_table, ids)
         if cfg.use_self:
-            parts.append(self._attend(self.query(ids_embedding + c), x, mask, self.norms[0]))
+            parts.append(self._attend(self.query(ids_embedding + c), k, v, mask, self.norms[0]))
         if cfg.use_similar:
             c_sim = self.user_adapter(similar_user_semantic).unsqueeze(1)
-            x_sim = self.item_adapter(similar_semantic)
-            parts.append(self._attend(self.query(ids_embedding + c_sim), x_sim, mask, self.norms[1]))
+            k_sim, v_sim = self.item_keys_values(similar_table, ids)
+            parts.append(self._attend(self.query(ids_embedding + c_sim), k_sim, v_sim, mask, self.norms[1]))
         if cfg.use_global:
             q_glob = self.query(c).expand(-1, t, -1)
             glob_mask = mask if cfg.global_causal else real[:, None, :].expand(-1, t, -1)
-            parts.append(self._attend(q_glob, x, glob_mask, self.norms[2]))
-        return self.mlp(torch.cat(parts, dim=-1))
+            parts.append(self._attend(q_glob, k, v, glob_mask, self.norms[2]))
+        features = torch.cat(parts, dim=-1)
+        # The MLP runs on real positions only; padding stays zero, as a padding embedding would be.
+        out = features.new_zeros(*real.shape, self.mlp[-1].out_features)
+        out[real] = self.mlp(features[real])
+        return out

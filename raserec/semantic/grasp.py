@@ -87,6 +87,10 @@ class GRASPModule(PretrainModule):
         # The similar users of every training pair: fixed (the user vector is a function of the
         # pair's prefix), so found once per setup instead of once per batch and epoch.
         self.register_buffer("train_similar", torch.zeros(0, similar_users, dtype=torch.int64), persistent=False)
+        # The same for the validation and test queries (one of each per user; rows 0 and 1), and each
+        # user's sequence length, which tells the two apart (their prefixes end at n - 2 and n - 1).
+        self.register_buffer("eval_similar", torch.zeros(2, 0, similar_users, dtype=torch.int64), persistent=False)
+        self.register_buffer("user_lengths", torch.zeros(0, dtype=torch.int64), persistent=False)
 
     def setup(self, stage: str) -> None:
         RecommenderModule.setup(self, stage)
@@ -103,11 +107,18 @@ class GRASPModule(PretrainModule):
         self.item_semantic = torch.from_numpy(vectors).to(device)
         self.similar_semantic = torch.from_numpy(similar.astype(np.float32)).to(device)
         self.user_bank = torch.from_numpy(space.user_vectors).to(device)
-        train = dm.dataset("train")
-        owners = torch.from_numpy(dm.pairs("train").user)
-        self.train_similar = torch.cat([
-            self._similar(self._user_vectors(train.prefixes(chunk).to(device)), owners[chunk].to(device))
-            for chunk in torch.arange(len(train)).split(8192)])
+        self.train_similar = self._similar_of(dm, "train", device)
+        val, test = self._similar_of(dm, "val", device), self._similar_of(dm, "test", device)
+        users_val, users_test = torch.from_numpy(dm.pairs("val").user), torch.from_numpy(dm.pairs("test").user)
+        self.eval_similar = torch.stack([val[users_val.argsort()], test[users_test.argsort()]])
+        self.user_lengths = torch.from_numpy(dm.data.lengths.astype(np.int64)).to(device)
+
+    def _similar_of(self, dm, split: str, device: torch.device) -> Tensor:
+        """The similar users of every query of ``split``, in the split's row order."""
+        dataset = dm.dataset(split)
+        owners = torch.from_numpy(dm.pairs(split).user)
+        return torch.cat([self._similar(self._user_vectors(dataset.prefixes(chunk).to(device)), owners[chunk].to(device))
+                          for chunk in torch.arange(len(dataset)).split(8192)])
 
     def _user_vectors(self, ids: Tensor) -> Tensor:
         return mean_item_vectors(self.item_semantic, ids, self.semantic.prefix_window)
@@ -119,10 +130,14 @@ class GRASPModule(PretrainModule):
 
     def _contexts(self, batch: SequenceBatch, training: bool = False) -> tuple[Tensor, Tensor]:
         user = self._user_vectors(batch["input_ids"])
+        users = batch["user"]
+        offset = self.user_lengths[users] - batch["end"] if len(self.user_lengths) else None
         if training and len(self.train_similar):  # rows of the training pairs: precomputed
             top = self.train_similar[batch["index"]]
+        elif not training and offset is not None and ((offset == 1) | (offset == 2)).all():
+            top = self.eval_similar[2 - offset, users]  # validation (n - 2) and test (n - 1) queries: precomputed
         else:
-            top = self._similar(user, batch["user"])
+            top = self._similar(user, users)
         return user, self.user_bank[top].mean(1)
 
     def user_representation(self, batch: SequenceBatch, training: bool = False) -> Tensor:
@@ -130,8 +145,12 @@ class GRASPModule(PretrainModule):
             raise RuntimeError("GRASPModule has no semantic tables: call attach(datamodule) or run it in a Trainer")
         ids = batch["input_ids"]
         user, similar_user = self._contexts(batch, training)
-        x = self.hae(self.encoder.item_embedding(ids), self.item_semantic[ids], self.similar_semantic[ids], user,
-                     similar_user, ids > 0)
+        # Left padding: columns that are padding in every row change nothing (HAE masks padding, the
+        # encoder drops it and aligns positions by recency), so HAE runs only as wide as the longest row.
+        width = max(int((ids > 0).sum(1).max()), 1)
+        ids = ids[:, -width:]
+        x = self.hae(self.encoder.item_embedding(ids), ids, self.item_semantic, self.similar_semantic, user,
+                     similar_user)
         return self.encoder(ids, item_embeddings=x)
 
     def training_step(self, batch: PretrainBatch, batch_idx: int) -> Tensor:
