@@ -98,6 +98,14 @@ def _gains(new: dict, old: dict) -> str:
     return " | ".join(relative_gain(new.get(f"test/{k}"), old.get(f"test/{k}")) for k in EXPERIMENT_KEYS)
 
 
+def finetune_label(summary: dict) -> str:
+    """The row name of an experiment's stage-2 model: plain RAFT is "ours: RaSeRec"; a variant
+    (semantic memory keys, an ablation) is named by its results ``model``."""
+    plain = (summary.get("finetune_class") or "").rsplit(".", 1)[-1] in ("RAFTModule", "") and \
+        summary.get("model", "").startswith("RaSeRec (RAFT")
+    return "ours: RaSeRec" if plain else f"ours: {summary['model']}"
+
+
 def experiments_table(results_dir: Path) -> str:
     """Ours (mean ± std over seeds) next to the paper, from ``results/<experiment>/summary.json``."""
     head = ("| dataset | backbone | row | " + " | ".join(EXPERIMENT_KEYS) +
@@ -114,11 +122,7 @@ def experiments_table(results_dir: Path) -> str:
         schedule = ("CPU short (configs/cpu_short.yaml): smoke test, not a result" if "cpu_short" in s["command"]
                     else "converged: both stages to early stopping (patience 10)")
         common = f" | {seeds} | {epochs} | {schedule} | {s['wall_time_s']:.0f} s | {s['hardware']} | `{s['command']}` |"
-        # Plain RAFT is "RaSeRec"; a variant (semantic memory keys, an ablation) is named by its results model.
-        plain = (s.get("finetune_class") or "").rsplit(".", 1)[-1] in ("RAFTModule", "") and \
-            s.get("model", "").startswith("RaSeRec (RAFT")
-        rows = [("ours: pre-trained encoder", s["encoder"]), ("ours: RaSeRec" if plain else f"ours: {s['model']}",
-                                                              s["finetune"])]
+        rows = [("ours: pre-trained encoder", s["encoder"]), (finetune_label(s), s["finetune"])]
         for label, m in rows:
             lines.append(f"| {s['dataset']} | {s['backbone']} | {label} | " +
                          " | ".join(mean_std(m, k, len(s["seeds"]) > 1) for k in EXPERIMENT_KEYS) + common)

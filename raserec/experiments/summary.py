@@ -17,7 +17,7 @@ from scipy import stats
 from raserec.evaluation.per_query import per_query_metrics
 from raserec.paper import PAIRS, RASEREC
 from raserec.results import write_results
-from raserec.results_table import mean_std, relative_gain
+from raserec.results_table import finetune_label, mean_std, relative_gain
 
 KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
 #: Metrics of the paired tests (per query within a seed; over seed means across seeds).
@@ -215,7 +215,7 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     multi = len(s["seeds"]) > 1
     lines.append("| ours: pre-trained encoder | " + " | ".join(mean_std(s["encoder"], k, multi) for k in keys) + " |")
-    lines.append("| ours: RaSeRec | " + " | ".join(mean_std(s["finetune"], k, multi) for k in keys) + " |")
+    lines.append(f"| {finetune_label(s)} | " + " | ".join(mean_std(s["finetune"], k, multi) for k in keys) + " |")
     lines.append("| ours: gain over encoder | " + " | ".join(_gain(s["finetune"], s["encoder"], k) for k in keys) + " |")
     names = list(s["paper"])
     for name in names:
