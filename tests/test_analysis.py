@@ -174,8 +174,9 @@ def test_cli_partitions_and_noise(trained, beauty_slice, tmp_path):
     assert entries["S+M"] == entries["S"] + entries["M"]
     full = metrics_from_ranks(ev.ranks(augmented=True), (5,))
     assert table.row(0, named=True)["NDCG@5"] == pytest.approx(full["NDCG@5"])
-    table = _analyze("noise", checkpoint, beauty_slice, tmp_path, "--ratios", "0.2")
+    table = _analyze("noise", checkpoint, beauty_slice, tmp_path, "--ratios", "0.2", "--notes", "a 5-batch model")
     assert table["ratio"].to_list() == [0.0, 0.0, 0.2, 0.2]
+    assert json.loads((tmp_path / "noise.json").read_text())["notes"] == "a 5-batch model"  # the README's model column
     assert table["model"].to_list() == ["encoder", "raserec"] * 2
 
 

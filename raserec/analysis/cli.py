@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", type=Path, help="output directory (default: results/analysis/<dataset>)")
         s.add_argument("--seed", type=int, default=2024, help="seed of random draws (noise, retraining)")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
+        s.add_argument("--notes", default="", help="which model this is (recorded in NAME.json; the README's model column)")
         s.add_argument("--cache-dir", default=".cache/datasets", help="prepared-dataset cache ('none' to disable)")
     g = sub.choices
     g["long_tail"].add_argument("--groups", type=int, default=10, help="equal-size popularity groups")
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
         out = Output(args.out or Path("results/analysis") / stem, "drift", command)
         table, fig, extra = drift(args.pretrain_config, args.finetune_config, args.overlay, args.holdout,
                                   args.work_dir or Path("runs") / f"drift_{stem}", args.retrained, progress)
-        paths = out.write(table, fig, {"seeds": [args.seed], **extra})
+        paths = out.write(table, fig, {"seeds": [args.seed], **extra, **({"notes": args.notes} if args.notes else {})})
         _report(table, paths)
         return 0
 
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
     dataset = dm.data_path.stem.lower()
     out = Output(args.out or Path("results/analysis") / dataset, args.name, command)
     ev = Evaluator(module, dm, progress=progress)
-    extra: dict = {"seeds": [args.seed]}
+    extra: dict = {"seeds": [args.seed], **({"notes": args.notes} if args.notes else {})}
     if args.name == "long_tail":
         from raserec.analysis.groups import long_tail
 
