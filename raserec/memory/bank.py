@@ -114,6 +114,12 @@ class KeyFunction(Protocol):
     def __call__(self, h: Tensor, input_ids: Tensor) -> Tensor: ...
 
 
+def keys_fingerprint(encoder: torch.nn.Module, key_fn: KeyFunction | None = None) -> str:
+    """What a bank's keys are a function of: the encoder's weights, and the key function if any."""
+    encoder_print = state_fingerprint(encoder)
+    return encoder_print if key_fn is None else f"{encoder_print}+{key_fn.fingerprint}"
+
+
 def _f32(x: Tensor | np.ndarray) -> np.ndarray:
     """float32, C-contiguous numpy copy-if-needed (what faiss accepts)."""
     if isinstance(x, Tensor):
@@ -254,8 +260,8 @@ class MemoryBank:
         if key_fn is not None:
             keys = torch.cat([key_fn(torch.from_numpy(h[rows.numpy()]), dataset.prefixes(rows)).float()
                               for rows in torch.arange(len(dataset)).split(batch_size)]) if len(dataset) else None
-        fingerprint = state_fingerprint(encoder) if key_fn is None else f"{state_fingerprint(encoder)}+{key_fn.fingerprint}"
-        bank = cls.from_arrays(h, pairs.user, pairs.end, pairs.target, config, fingerprint, reference_version, keys)
+        bank = cls.from_arrays(h, pairs.user, pairs.end, pairs.target, config, keys_fingerprint(encoder, key_fn),
+                               reference_version, keys)
         bank.build_seconds = time.perf_counter() - start
         return bank
 

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raserec.checkpoint import state_fingerprint
 from raserec.data.batch import PairDataset, SequenceBatch
 from raserec.errors import CheckpointError, RaserecError, check
-from raserec.memory.bank import IndexConfig, IndexKind, KeyFunction, MemoryBank
+from raserec.memory.bank import IndexConfig, IndexKind, KeyFunction, MemoryBank, keys_fingerprint
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.typed_config import coerce_config
 
@@ -178,8 +177,7 @@ class MemoryRetriever:
 
     def fingerprint(self) -> str:
         """What the bank's keys are a function of: the key encoder's weights (and the key function)."""
-        encoder = state_fingerprint(self.key_encoder)
-        return encoder if self.key_fn is None else f"{encoder}+{self.key_fn.fingerprint}"
+        return keys_fingerprint(self.key_encoder, self.key_fn)
 
     # ---------------------------------------------------------------- retrieval
     def encode(self, input_ids: Tensor) -> Tensor:
