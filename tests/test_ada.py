@@ -458,3 +458,64 @@ def test_ada_configs_hold_the_paper_defaults() -> None:
             pre = yaml.safe_load((CONFIGS / f"{pretrain}.yaml").read_text())
             assert pre["data"]["data_path"] == f"../shared/data/{data}"
             assert pre["model"]["init_args"]["encoder"]["init_args"]["hidden_size"] == 64
+
+
+def test_filter_as_circulant_product_equals_the_fft_definition() -> None:
+    """``filtered`` (a k x k product per channel) is the FFT filter, in values and gradients."""
+    torch.manual_seed(3)
+    for k in (20, 7):
+        layer = FilterLayer(k, 8, dropout=0.0)
+        with torch.no_grad():
+            layer.complex_weight.normal_()
+        x = torch.randn(5, k, 8, requires_grad=True)
+        fast, slow = layer.filtered(x), layer.spectral(x)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(fast)
+        grads_fast = torch.autograd.grad(fast, (x, layer.complex_weight), g)
+        grads_slow = torch.autograd.grad(slow, (x, layer.complex_weight), g)
+        for a, b in zip(grads_fast, grads_slow, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert layer.filter_matrix().shape == (k, k, 8)
+
+
+def test_ira_on_real_positions_and_cached_branches_change_no_output() -> None:
+    """Skipping padding positions and re-using each block's filter branch over rounds are pure
+    work savings: real positions get the full formula, padding keeps the history."""
+    torch.manual_seed(4)
+    d, k = 8, 5
+    history, blocks = torch.randn(3, 6, d), [torch.randn(3, k, d), torch.randn(3, k, d)]
+    real = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    for per_round in (False, True):
+        ira = ItemRepresentationAdapter(d, k, num_blocks=2, dropout=0.0, filter_per_round=per_round).eval()
+        full = ira(history, blocks)
+        branches = [ira.filter_for(i).branch(b) for i, b in enumerate(blocks)]
+        torch.testing.assert_close(ira(history, blocks, branches=branches), full)
+        sparse = ira(history, blocks, real, branches)
+        torch.testing.assert_close(sparse[real], full[real])
+        assert torch.equal(sparse[~real], history[~real])
+    # in training mode dropout is drawn on real positions only and padding stays untouched
+    ira = ItemRepresentationAdapter(d, k, num_blocks=2, dropout=0.5).train()
+    out = ira(history, blocks, real)
+    assert torch.equal(out[~real], history[~real]) and not torch.allclose(out[real], history[real])
+
+
+def test_cached_filter_branches_leave_the_rounds_unchanged(data_and_ckpt) -> None:
+    """The multi-round forward (branches computed once, padding skipped) equals the plain
+    per-round recomputation in eval mode."""
+    data, _ = data_and_ckpt
+    encoder = _backbone("SASRec", data.num_items)
+    model = AdaRetrieval(encoder, rounds=4, total_k=80).eval()
+    ids = _batch(data)["input_ids"]
+    with torch.no_grad():
+        out = model(ids)
+        # the reference: each round recomputes the whole IRA on every position from its blocks
+        users, blocks, h = [], [], None
+        for t in range(4):
+            if t == 0:
+                u = encoder(ids)
+            else:
+                h = encoder.item_embedding(ids)
+                u = model.ura(encoder(ids, item_embeddings=model.ira(h, blocks)), torch.stack(users, dim=1))
+            torch.testing.assert_close(out.user_reprs[:, t], u, atol=1e-5, rtol=1e-5)
+            users.append(u)
+            blocks.append(encoder.item_embedding(out.retrieved[:, t]))

@@ -110,18 +110,20 @@ class AdaRetrieval(nn.Module):
             if n - exclude.size(1) < self.list_length and int(
                     (~items_mask(exclude, n)).sum(1).min()) < self.list_length:
                 raise ValueError(f"a row excludes so many items that fewer than {self.list_length} are left")
-        history = None
+        history = real = None
         users: list[Tensor] = []
         retrieved: list[Tensor] = []
         blocks: list[Tensor] = []
+        branches: list[Tensor] = []  # each block's deterministic filter branch, computed once
         scores: list[Tensor] = []
         for t in range(self.rounds):
             if t == 0:
                 u = encoder(input_ids)  # no context: IRA and URA are the identity, skip them
             else:
                 if history is None:
-                    history = encoder.item_embedding(input_ids)
-                u = encoder(input_ids, item_embeddings=self.ira(history, blocks))
+                    history, real = encoder.item_embedding(input_ids), input_ids > 0
+                branches.append(self.ira.filter_for(t - 1).branch(blocks[t - 1]))
+                u = encoder(input_ids, item_embeddings=self.ira(history, blocks, real, branches))
                 u = self.ura(u, torch.stack(users, dim=1))
             if augment is not None:
                 u = augment(u)
