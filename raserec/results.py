@@ -129,6 +129,7 @@ class ResultsWriter(L.Callback):
             "wall_time_s": round(time.perf_counter() - self._start, 2),
             "fit_time_s": None if self._fit_time is None else round(self._fit_time, 2),
             "epochs": trainer.current_epoch,
+            "precision": str(trainer.precision),  # training precision; evaluation always runs float32
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
             "git_commit": git_commit(),
             "notes": self.notes,

@@ -16,7 +16,7 @@ from raserec.checkpoint import RECORD_KEY, encoder_record, load_weights_only
 from raserec.data.batch import SequenceBatch
 from raserec.errors import CheckpointError, ConfigError, check_optimizer
 from raserec.evaluation.metrics import RankingMetrics
-from raserec.evaluation.module import RecommenderModule
+from raserec.evaluation.module import RecommenderModule, full_precision
 from raserec.evaluation.ranking import target_ranks
 from raserec.finetune.frozen import FrozenEncoderMixin, freeze, load_frozen_encoder
 from raserec.memory.callback import MemoryBankCallback
@@ -265,9 +265,11 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
             scores = self.base_encoder.score(self.base_encoder(batch["input_ids"]))
             base_metrics.update(target_ranks(scores, target, self._history(batch)))
 
+    @full_precision
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._eval(batch, self.val_metrics, self.base_val_metrics)
 
+    @full_precision
     def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._eval(batch, self.test_metrics, self.base_test_metrics)
 
@@ -281,6 +283,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         if self.base_encoder is not None:
             self._log_metrics(self.base_test_metrics, "base/test")
 
+    @full_precision
     def predict_step(self, batch: SequenceBatch, batch_idx: int) -> dict[str, Tensor]:
         out = self.rounds_output(batch)
         return {"user": batch["user"], "items": out.final_list()[:, : self.predict_top_n]}

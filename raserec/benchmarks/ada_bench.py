@@ -9,7 +9,9 @@ block filtered again in every later round, and the IRA's residual/dropout/LayerN
 positions too. "current" is the package's code: the filter as a per-channel k x k product, each
 block's deterministic branch computed once, padding skipped. Both compute the same function
 (checked here in eval mode on the same batch, and in tests/test_ada.py); steps alternate between
-the two so that machine noise hits both alike. Writes results/ada_bench.json.
+the two so that machine noise hits both alike. "current_bf16" is the current forward under bf16
+autocast (``trainer.precision: bf16-mixed``, pays on CPUs with AVX512-BF16; not the same
+arithmetic: a quality comparison belongs to a converged run). Writes results/ada_bench.json.
 """
 
 from __future__ import annotations
@@ -95,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     same_lists = float((current.retrieved == reference.retrieved).float().mean())
 
     module.train()
-    times: dict[str, list[float]] = {"reference": [], "current": []}
-    for i, batch in enumerate(batches):  # the first pair of steps warms up
-        for name in ("reference", "current"):
-            with reference_forward() if name == "reference" else contextlib.nullcontext():
+    times: dict[str, list[float]] = {"reference": [], "current": [], "current_bf16": []}
+    contexts = {"reference": reference_forward, "current": contextlib.nullcontext,
+                "current_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    for i, batch in enumerate(batches):  # the first round of steps warms up
+        for name, context in contexts.items():
+            with context():
                 seconds = _step(module, optimizer, batch)
             if i > 0:
                 times[name].append(seconds)
         print(i, {k: round(v[-1], 3) for k, v in times.items() if v}, flush=True)
     steps_per_epoch = -(-len(ds) // args.batch_size)
-    ref, cur = statistics.median(times["reference"]), statistics.median(times["current"])
+    ref, cur, bf16 = (statistics.median(times[k]) for k in ("reference", "current", "current_bf16"))
     save("ada_bench.json", {
         "dataset": "Beauty",
         "model": f"Ada-Retrieval phase 2 (SASRec, T=5 x k=20, loss {args.loss}), one training step",
@@ -117,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             "current/step_s": round(cur, 3),
             "reference/epoch_s": round(ref * steps_per_epoch, 1),
             "current/epoch_s": round(cur * steps_per_epoch, 1),
+            "current_bf16/step_s": round(bf16, 3),
+            "current_bf16/epoch_s": round(bf16 * steps_per_epoch, 1),
             "speedup": round(ref / cur, 2),
+            "speedup_bf16": round(ref / bf16, 2),
             "eval_max_abs_diff_user_reprs": max_diff,
             "eval_same_retrieved_fraction": same_lists,
         },

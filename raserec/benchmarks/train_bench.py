@@ -1,7 +1,9 @@
 """Training and evaluation throughput on Beauty (CPU). Writes results/train_bench.json.
 
 One full training epoch (131,413 pairs, batch 1024, no validation) through Lightning for plain
-SASRec and for the us_x pre-training, and one full-ranking pass over the 22,363 test queries.
+SASRec and for the us_x pre-training, the us_x epoch at the pre-training config's batch 256 in
+float32 and under bf16 autocast (``trainer.precision: bf16-mixed``; evaluation stays float32), and
+one full-ranking pass over the 22,363 test queries.
 The peer: RecBole 1.2.1 on the same kind of machine, 223 s per SASRec epoch, 614 s per DuoRec
 us_x epoch, ~11 s per full-ranking pass (figures from the issue tracker, issue 3).
 """
@@ -28,10 +30,11 @@ def _trainer(**kw) -> L.Trainer:
                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
-def epoch_time(dm: SequenceDataModule, positive_pair: str, batches: float) -> dict[str, float]:
+def epoch_time(dm: SequenceDataModule, positive_pair: str, batches: float,
+               precision: str = "32-true") -> dict[str, float]:
     L.seed_everything(0)
     model = PretrainModule(dm.num_items, positive_pair=positive_pair, lambda_ret=0.1 if positive_pair != "none" else 0)
-    trainer = _trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
+    trainer = _trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0, precision=precision)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--batches", type=float, default=1.0, help="fraction of an epoch to time (1.0 = full)")
+    parser.add_argument("--batches-256", type=float, default=0.25,
+                        help="fraction of an epoch to time at batch 256 (each precision)")
     args = parser.parse_args()
     tune_allocator()
     dm = SequenceDataModule(args.data / "Beauty.txt", batch_size=args.batch_size, eval_batch_size=1024,
@@ -66,6 +71,10 @@ def main() -> None:
     print("sasrec", sasrec)
     usx = epoch_time(dm, "dropout_and_same_target", args.batches)
     print("us_x", usx)
+    dm.batch_size = 256  # the pre-training config's batch
+    usx256 = {p: epoch_time(dm, "dropout_and_same_target", args.batches_256, p) for p in ("32-true", "bf16-mixed")}
+    print("us_x batch 256", usx256)
+    dm.batch_size = args.batch_size
     ev = eval_time(dm)
     print("eval", ev)
     save("train_bench.json", {
@@ -80,6 +89,9 @@ def main() -> None:
             "sasrec/sequences_per_s": sasrec["sequences_per_s"],
             "usx/epoch_s": usx["epoch_s"],
             "usx/sequences_per_s": usx["sequences_per_s"],
+            "usx_b256/epoch_s": usx256["32-true"]["epoch_s"],
+            "usx_b256_bf16/epoch_s": usx256["bf16-mixed"]["epoch_s"],
+            "usx_b256/bf16_speedup": round(usx256["32-true"]["epoch_s"] / usx256["bf16-mixed"]["epoch_s"], 2),
             "test_eval_s": ev,
             "peak_rss_gb": peak_rss_gb(),
             "speedup_vs_recbole/sasrec": round(RECBOLE["sasrec_epoch_s"] / sasrec["epoch_s"], 2),
@@ -88,7 +100,7 @@ def main() -> None:
         },
         "recbole_reference": RECBOLE,
         "targets": {"sasrec/epoch_s": 112.0, "usx/epoch_s": 307.0, "test_eval_s": 5.0},
-        "details": {"sasrec": sasrec, "usx": usx},
+        "details": {"sasrec": sasrec, "usx": usx, "usx_b256": usx256},
     })
 
 

@@ -3,10 +3,11 @@ and top-N prediction. Subclasses only say how a batch becomes a user representat
 
 from __future__ import annotations
 
+import functools
 import random
 from abc import abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -35,6 +36,23 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+Step = TypeVar("Step", bound=Callable[..., Any])
+
+
+def full_precision(step: Step) -> Step:
+    """Run an evaluation or prediction step in float32 even under mixed precision
+    (``trainer.precision: bf16-mixed``). Training may use bf16 products; ranking must not: bf16
+    scores keep about 3 significant digits, so many items would tie with the target (ranked
+    pessimistically) and the metrics would drop for a reason that is not the model."""
+
+    @functools.wraps(step)
+    def wrapper(self: L.LightningModule, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device.type, enabled=False):
+            return step(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_fits_data(module: L.LightningModule, datamodule: Any) -> None:
@@ -93,9 +111,11 @@ class RecommenderModule(L.LightningModule):
         ranks = target_ranks(self.scores(batch), batch["target"], self._history(batch))
         metrics.update(ranks)
 
+    @full_precision
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
 
+    @full_precision
     def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
 
@@ -118,6 +138,7 @@ class RecommenderModule(L.LightningModule):
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
 
+    @full_precision
     def predict_step(self, batch: SequenceBatch, batch_idx: int) -> dict[str, Tensor]:
         top = top_items(self.scores(batch), self.predict_top_n, self._history(batch))
         return {"user": batch["user"], "items": top}
