@@ -519,3 +519,54 @@ def test_cached_filter_branches_leave_the_rounds_unchanged(data_and_ckpt) -> Non
             torch.testing.assert_close(out.user_reprs[:, t], u, atol=1e-5, rtol=1e-5)
             users.append(u)
             blocks.append(encoder.item_embedding(out.retrieved[:, t]))
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_item_bias_enters_every_score_and_trains(loss: str, data_and_ckpt) -> None:
+    """``item_bias``: scores u . v_i + b_i (b ~ N(0, 0.1)) in retrieval, in both losses and in
+    the list; off by default."""
+    data, ckpt = data_and_ckpt
+    assert _module(ckpt, rounds=2, total_k=20, metric_ks=(10, 20)).model.item_bias is None
+    torch.manual_seed(0)
+    module = _module(ckpt, rounds=2, total_k=20, loss=loss, num_negatives=15, metric_ks=(10, 20), item_bias=True)
+    bias = module.model.item_bias
+    assert bias.shape == (data.num_items,) and 0.07 < float(bias.std()) < 0.13
+    batch = _batch(data, split="train", n=64)
+    module.eval()
+    with torch.no_grad():
+        out = module.model(batch["input_ids"], return_scores=True)
+        for t in range(2):
+            torch.testing.assert_close(out.scores[t], out.user_reprs[:, t] @ module.item_weights().T + bias)
+        # a bias large enough to dominate decides round 1's list
+        bias.copy_(torch.arange(data.num_items, 0, -1, dtype=torch.float32) * 100)
+        assert torch.equal(module.model(batch["input_ids"]).retrieved[0, 0], torch.arange(1, 11))
+        bias.normal_(0, 0.1)
+        torch.manual_seed(3)
+        losses = module.round_losses(batch)
+        if loss == "bce":
+            torch.manual_seed(3)
+            out = module.model(batch["input_ids"])
+            neg = sample_negatives(batch["input_ids"], batch["target"], data.num_items, 15)
+            cand = torch.cat([batch["target"][:, None], neg], 1)
+            logits = (module.encoder.item_embedding(cand)[:, None] * out.user_reprs[:, :, None]).sum(-1) \
+                + bias[cand - 1][:, None]
+            labels = torch.zeros_like(logits)
+            labels[..., 0] = 1
+            expected = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=(0, 2))
+            torch.testing.assert_close(losses, expected)
+    module.train()
+    module.weighted_loss(module.round_losses(batch)).backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+    assert any(p is bias for g in module.configure_optimizers().param_groups for p in g["params"])
+
+
+def test_authors_overlay_sets_their_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = yaml.safe_load((CONFIGS / "ada_authors.yaml").read_text())["model"]["init_args"]
+    assert cfg == {"loss": "bce", "num_negatives": 100, "item_bias": True, "dropout": 0.1777, "mask_history": True}
+    # the CLI accepts it on top of a dataset config and the module takes every key
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "ada_beauty.yaml"), "--config", str(CONFIGS / "ada_authors.yaml"),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert {k: merged[k] for k in cfg} == cfg and merged["round_decay"] == 0.3

@@ -78,6 +78,9 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
             sequence nor the target; shared by all rounds).
         dropout: dropout of the adapters (the authors use 0.1777 everywhere).
         filter_per_round: one IRA filter layer per earlier round's block instead of one shared.
+        item_bias: score ``u . v_i + b_i`` with a learned per-item bias (N(0, 0.1) init), as the
+            authors' code does; it starts fresh in phase 2 (our pre-trained encoders have none)
+            and the base row stays the bias-free backbone.
         lr: Adam learning rate (backbone and adapters).
         weight_decay: Adam weight decay.
         allow_other_data: use the encoder even with data other than it was pre-trained on (same
@@ -112,6 +115,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         num_negatives: int = 100,
         dropout: float = 0.2,
         filter_per_round: bool = False,
+        item_bias: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         allow_other_data: bool = False,
@@ -139,7 +143,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         # The frozen pre-trained copy is the "Base" row of the paper's table 2.
         self.base_encoder = freeze(copy.deepcopy(encoder)) if evaluate_base else None
         self.model = AdaRetrieval(encoder, rounds=rounds, total_k=total_k, dropout=dropout,
-                                  filter_per_round=filter_per_round)
+                                  filter_per_round=filter_per_round, item_bias=item_bias)
         if max(metric_ks) > self.model.list_length:
             raise ConfigError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
         self.loss_kind = loss
@@ -232,7 +236,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         out = self.rounds_output(batch)
         negatives = sample_negatives(batch["input_ids"], target, self.num_items, self.num_negatives)
         candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)  # [B, 1 + n]
-        logits = torch.einsum("btd,bcd->btc", out.user_reprs, self.encoder.item_embedding(candidates))
+        logits = self.model.score_items(out.user_reprs, candidates)
         labels = torch.zeros_like(logits)
         labels[..., 0] = 1.0
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=(0, 2))

@@ -59,10 +59,13 @@ class AdaRetrieval(nn.Module):
             filter layer, as in the authors' code).
         layer_norm_eps: LayerNorm epsilon of the adapters.
         init_std: standard deviation of the adapters' normal initialisation.
+        item_bias: score ``u . v_i + b_i`` with a learned per-item bias initialised N(0, 0.1), as
+            the authors' code does (``False``: plain dot products, the backbone's own scores).
     """
 
     def __init__(self, encoder: SequenceEncoder, rounds: int = 5, total_k: int = 100, dropout: float = 0.2,
-                 filter_per_round: bool = False, layer_norm_eps: float = 1e-12, init_std: float = 0.02) -> None:
+                 filter_per_round: bool = False, layer_norm_eps: float = 1e-12, init_std: float = 0.02,
+                 item_bias: bool = False) -> None:
         super().__init__()
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -75,6 +78,18 @@ class AdaRetrieval(nn.Module):
         self.ira = ItemRepresentationAdapter(d, self.k, rounds - 1, dropout, filter_per_round, layer_norm_eps,
                                              init_std)
         self.ura = UserRepresentationAdapter(d, dropout, layer_norm_eps, init_std)
+        num_items = encoder.item_embedding.num_embeddings - 1
+        self.item_bias = nn.Parameter(torch.randn(num_items) * 0.1) if item_bias else None
+
+    def score(self, u: Tensor, weights: Tensor) -> Tensor:
+        """Scores ``[B, N]`` of the representations ``u`` ``[B, d]`` against item rows ``[N, d]``."""
+        s = u @ weights.T
+        return s if self.item_bias is None else s + self.item_bias
+
+    def score_items(self, u: Tensor, item_ids: Tensor) -> Tensor:
+        """Scores of chosen items: ``u`` ``[B, T, d]``, ``item_ids`` ``[B, C]`` -> ``[B, T, C]``."""
+        s = torch.einsum("btd,bcd->btc", u, self.encoder.item_embedding(item_ids))
+        return s if self.item_bias is None else s + self.item_bias[item_ids - 1].unsqueeze(1)
 
     @property
     def list_length(self) -> int:
@@ -129,12 +144,12 @@ class AdaRetrieval(nn.Module):
                 u = augment(u)
             users.append(u)
             if return_scores:
-                s = u @ weights.T
+                s = self.score(u, weights)
                 scores.append(s)
                 s = s.detach().clone()  # the loss needs the raw scores: mask a copy
             else:
                 with torch.no_grad():
-                    s = u @ weights.T
+                    s = self.score(u, weights)
             # Top-k is not differentiable: gradients reach the context only through the
             # embeddings of the retrieved items (and through the earlier rounds' u).
             if excluded_at is not None:
