@@ -3,14 +3,19 @@ never does."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+import yaml
 
+from raserec.cli import main
 from raserec.pretrain.module import PretrainModule
 from tests.test_memory_bank import synthetic_dm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _trainer(precision: str) -> L.Trainer:
@@ -49,3 +54,13 @@ def test_bf16_training_loss_is_close_to_float32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = float(module.training_step(batch, 0))
     assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != fp32
+
+
+def test_bf16_overlay_sets_the_trainer_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "bf16.yaml"),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and "bf16" in cfg["results"]["notes"]
+    assert cfg["model"]["init_args"]["lambda_ret"] == 0.1  # the stage's own settings are kept
