@@ -483,3 +483,24 @@ def test_non_finite_loss_stops_with_the_step_and_k_above_the_bank_warns(data_and
         module.augment(h, torch.tensor([100, 101, 102, 103]), torch.tensor([5, 5, 5, 5]))
     warnings = [r for r in caplog.records if "holds only 30 entries" in r.getMessage()]
     assert len(warnings) == 1 and "k = 50" in warnings[0].getMessage()
+
+
+def test_bf16_mixed_raft_trains_the_ram_and_keeps_keys_float32(data_and_ckpt) -> None:
+    """Under ``trainer.precision: bf16-mixed`` the RAM trains, queries are encoded in float32
+    (what the float32 bank holds), and evaluation equals a float32 evaluation."""
+    data, ckpt = data_and_ckpt
+    dm = _dm(data)
+    module = _module(ckpt)
+    ram_before = {k: v.clone() for k, v in module.ram.state_dict().items()}
+    _trainer(precision="bf16-mixed", limit_train_batches=4).fit(module, datamodule=dm)
+    assert any(not torch.equal(v, ram_before[k]) for k, v in module.ram.state_dict().items())
+    ids = _batch(dm, "val", 32)["input_ids"]
+    plain = module.retriever.encode(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module.retriever.encode(ids)
+        with torch.no_grad():  # autocast does reach the encoder's products when nothing opts out
+            assert not torch.equal(module.encoder(ids), plain)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    bf16 = _trainer(precision="bf16-mixed").validate(module, datamodule=dm, verbose=False)[0]
+    fp32 = _trainer().validate(module, datamodule=dm, verbose=False)[0]
+    assert bf16 == fp32

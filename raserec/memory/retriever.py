@@ -181,8 +181,10 @@ class MemoryRetriever:
 
     # ---------------------------------------------------------------- retrieval
     def encode(self, input_ids: Tensor) -> Tensor:
-        """h of the sequences from the frozen key encoder."""
-        with torch.no_grad():
+        """h of the sequences from the frozen key encoder, in float32 even under mixed precision:
+        the bank's keys are float32, and a frozen encoder gains nothing from bf16 but keys that
+        differ from the stored ones."""
+        with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
             return self.key_encoder(input_ids)
 
     def bank_rows(self, batch: SequenceBatch) -> np.ndarray | None:
@@ -209,7 +211,7 @@ class MemoryRetriever:
             return h
         if input_ids is None:
             raise RaserecError("this retriever searches by a key function of (h, item ids): pass input_ids")
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
             return self.key_fn(h, input_ids.to(h.device))
 
     def neighbours(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None,
