@@ -48,8 +48,8 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
     # overlays that apply to one stage only go on top of that stage's config
-    overlay_base = {"ram_": "beauty_raft.yaml", "ada_authors": "ada_beauty.yaml"}
-    overlay_base = next((v for k, v in overlay_base.items() if config.startswith(k)), "beauty_pretrain.yaml")
+    stage_of_overlay = {"ram_": "beauty_raft.yaml", "ada_authors": "ada_beauty.yaml"}
+    overlay_base = next((v for k, v in stage_of_overlay.items() if config.startswith(k)), "beauty_pretrain.yaml")
     base = [] if config.endswith(("pretrain.yaml", "sasrec.yaml", "raft.yaml")) else [
         "--config", str(CONFIGS / overlay_base)]
     with pytest.raises(SystemExit) as exc:

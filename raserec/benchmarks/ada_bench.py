@@ -44,7 +44,8 @@ def reference_forward() -> Iterator[None]:
     def ira_forward(self: ItemRepresentationAdapter, history, blocks, real=None, branches=None):
         if len(blocks) == 0:
             return history
-        return self.attend(history, self.context(blocks))
+        context = torch.cat([self.filter_for(i)(b) for i, b in enumerate(blocks)], dim=1)  # every block again
+        return self.attend(history, context)
 
     FilterLayer.filtered = FilterLayer.spectral
     FilterLayer.branch = lambda self, x: None  # the caller's cache: nothing is cached

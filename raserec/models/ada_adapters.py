@@ -131,17 +131,15 @@ class ItemRepresentationAdapter(nn.Module):
         """The filter layer of the ``index``-th earlier round's block."""
         return self.filters[index if len(self.filters) > 1 else 0]
 
-    def filter_block(self, block: Tensor, index: int) -> Tensor:
-        """Filtered embeddings of the ``index``-th earlier round's block ``[B, k, d]``."""
-        return self.filter_for(index)(block)
-
     def context(self, blocks: Sequence[Tensor], branches: Sequence[Tensor] | None = None) -> Tensor:
-        """The filtered item context ``H``: ``[B, len(blocks) * k, d]``. ``branches`` (each
-        block's :meth:`FilterLayer.branch`, computed once by a caller that re-uses blocks over
-        rounds) skips recomputing the deterministic part; dropout is drawn afresh either way."""
+        """The filtered item context ``H``: ``[B, len(blocks) * k, d]``, each block through its
+        filter layer. ``branches`` (each block's :meth:`FilterLayer.branch`, computed once by a
+        caller that re-uses blocks over rounds) skips recomputing the deterministic part; dropout
+        is drawn afresh either way."""
         if branches is None:
-            return torch.cat([self.filter_block(b, i) for i, b in enumerate(blocks)], dim=1)
-        return torch.cat([self.filter_for(i).finish(b, br) for i, (b, br) in enumerate(zip(blocks, branches, strict=True))], dim=1)
+            branches = [self.filter_for(i).branch(b) for i, b in enumerate(blocks)]
+        pairs = enumerate(zip(blocks, branches, strict=True))
+        return torch.cat([self.filter_for(i).finish(b, br) for i, (b, br) in pairs], dim=1)
 
     def attend(self, history: Tensor, context: Tensor, real: Tensor | None = None) -> Tensor:
         """Context-aware attention + residual + LayerNorm (Eq. 11-12).
