@@ -186,6 +186,19 @@ class RaserecCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_model_fits_data()
+        self._check_validation_runs()
+
+    def _check_validation_runs(self) -> None:
+        """Early stopping and the best checkpoint read a validation metric: a fit without
+        validation would train a whole epoch and then fail inside Lightning."""
+        if self.trainer.limit_val_batches != 0:
+            return
+        monitors = sorted({c.monitor for c in self.trainer.callbacks
+                           if isinstance(c, EarlyStopping | ModelCheckpoint) and c.monitor})
+        if monitors:
+            raise ConfigError(f"trainer.limit_val_batches 0 turns validation off, but early stopping and the "
+                              f"best checkpoint monitor {', '.join(monitors)}, which validation logs; let "
+                              f"validation run (limit_val_batches > 0)")
 
     def before_validate(self) -> None:
         self._check_model_fits_data()

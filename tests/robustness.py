@@ -186,6 +186,8 @@ def cases() -> list[Case]:
           lambda w: [*PRETRAIN, "--model.init_args.encoder.init_args.num_layers", "0"], "num_layers"),
         c("encoder max_len 0", "parameter",
           lambda w: [*PRETRAIN, "--model.init_args.encoder.init_args.max_len", "0"], "max_len"),
+        c("validation off under early stopping", "parameter",
+          lambda w: [*PRETRAIN, "--trainer.limit_val_batches", "0"], "turns validation off"),
         c("data.max_len above the encoder's", "parameter",
           lambda w: [*PRETRAIN, "--data.max_len", "60"], "exceeds the encoder's max_len"),
         c("RAFT alpha 2", "parameter", lambda w: _raft(w, "--model.init_args.ram.alpha", "2"), "alpha and beta"),

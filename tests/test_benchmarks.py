@@ -32,3 +32,20 @@ def test_bank_scale_keys_recall_and_sizes() -> None:
     assert size == 1300 * 8 * 4 and index.ntotal == 1300
     _, found = index.search(keys[:10], 1)
     assert found[:, 0].tolist() == list(range(10))  # every key is its own nearest neighbour
+
+
+def test_epoch_time_times_the_training_loop_and_scales_to_an_epoch(tiny_file) -> None:
+    from raserec.benchmarks.semantic_bench import build as build_method
+    from raserec.benchmarks.train_bench import model_epoch_time
+    from raserec.data.datamodule import SequenceDataModule
+
+    dm = SequenceDataModule(tiny_file, batch_size=4, eval_batch_size=4, cache_dir=None)
+    dm.setup("fit")
+    pairs = len(dm.pairs("train"))
+    figures = model_epoch_time(dm, build_method("usx", dm.num_items), batches=2)
+    assert figures["steps"] == 2 and figures["setup_s"] >= 0
+    # two batches of 4 of the training pairs, scaled up to all of them
+    assert abs(figures["epoch_s"] - figures["measured_s"] * pairs / 8) <= 0.01 + 0.01 * figures["epoch_s"]
+    assert abs(figures["step_s"] * 2 - figures["measured_s"]) <= 0.01
+    names = [o.name for o in build_method("sracl", dm.num_items).objectives]
+    assert names == ["loss_rec", "loss_cs", "loss_is"]
