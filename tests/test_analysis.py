@@ -233,3 +233,14 @@ def test_cli_drift_trains_without_recent_items_and_refreshes_the_bank(beauty_sli
     record = json.loads((out / "drift.json").read_text())
     assert record["command"].startswith("raserec analyze drift --pretrain-config configs/beauty_pretrain.yaml ")
     assert record["holdout"] == 1 and record["held_out_interactions"] == record["users_with_holdout"] > 1000
+    # Re-running the command trains nothing again: finished stages are reused, an interrupted one
+    # (no done.json) resumes from its last.ckpt, which here is already at max_epochs.
+    stages = ["reduced_pretrain", "reduced_finetune", "full_pretrain", "full_finetune"]
+    best = {s: json.loads((tmp_path / "runs" / s / "done.json").read_text())["best"] for s in stages}
+    stamps = {s: Path(b).stat().st_mtime_ns for s, b in best.items()}
+    (tmp_path / "runs" / "full_pretrain" / "done.json").unlink()
+    assert main(["analyze", "drift", "--pretrain-config", "configs/beauty_pretrain.yaml", "--finetune-config",
+                 "configs/beauty_raft.yaml", "--overlay", "configs/debug.yaml", "--overlay", str(overlay),
+                 "--holdout", "1", "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert {s: Path(b).stat().st_mtime_ns for s, b in best.items()} == stamps
+    assert pl.read_csv(out / "drift.csv").equals(table)

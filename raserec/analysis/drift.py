@@ -10,6 +10,8 @@ so the gain of refreshing the memory bank alone can be compared with the gain of
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from raserec.data.sequences import SequenceData
 from raserec.errors import RaserecError
 from raserec.evaluation.metrics import relative_change_pct
 from raserec.evaluation.per_query import metrics_from_ranks
+
+log = logging.getLogger(__name__)
 
 
 def hold_out_recent(data: SequenceData, m: int) -> tuple[SequenceData, np.ndarray]:
@@ -43,9 +47,19 @@ def hold_out_recent(data: SequenceData, m: int) -> tuple[SequenceData, np.ndarra
 def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, encoder_checkpoint: str | None = None,
               progress: bool = True) -> str:
     """Train one stage (config files + overrides, as for ``raserec fit``) on ``data`` in-process;
-    returns the best checkpoint's path."""
+    returns the best checkpoint's path.
+
+    Resumable: a stage that finished (``work_dir/done.json``, written after the fit) is not
+    trained again, and an interrupted one continues from ``work_dir/checkpoints/last.ckpt``, so
+    re-running the same ``raserec analyze drift`` command redoes only what is missing."""
     from raserec.lightning_cli import RaserecCLI
 
+    done = work_dir / "done.json"
+    if done.is_file():
+        best = json.loads(done.read_text()).get("best", "")
+        if Path(best).is_file():
+            log.info("%s: finished earlier, using %s", work_dir, best)
+            return best
     args = [*config_args, "--checkpoint.dirpath", str(work_dir / "checkpoints"),
             "--trainer.logger.init_args.save_dir", str(work_dir.parent), "--trainer.logger.init_args.name", work_dir.name,
             "--trainer.enable_progress_bar", str(progress).lower()]
@@ -53,10 +67,17 @@ def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, en
         args += ["--model.init_args.encoder_checkpoint", encoder_checkpoint]
     cli = RaserecCLI(args=args, run=False)
     cli.datamodule.set_data(data)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    last = work_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("%s: resuming from %s", work_dir, last)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None,
+                    weights_only=True)
+    if cli.trainer.interrupted:
+        raise RaserecError(f"{work_dir}: training was interrupted; re-run the same command to resume it")
     best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
     if not best:
         raise RaserecError(f"{work_dir}: training saved no checkpoint")
+    done.write_text(json.dumps({"best": best}))
     return best
 
 
