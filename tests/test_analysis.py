@@ -244,3 +244,22 @@ def test_cli_drift_trains_without_recent_items_and_refreshes_the_bank(beauty_sli
                  "--holdout", "1", "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert {s: Path(b).stat().st_mtime_ns for s, b in best.items()} == stamps
     assert pl.read_csv(out / "drift.csv").equals(table)
+
+
+def test_item_popularity_counts_the_training_part_only(tmp_path) -> None:
+    """PITFALLS 1: long-tail groups are cut by popularity in what the models trained on; items seen
+    only as validation or test targets must count 0 (counting all interactions leaks them)."""
+    from raserec.analysis.groups import item_popularity
+
+    path = tmp_path / "pop.txt"
+    # item 9 is only ever a validation target, item 8 only a test target, item 1 is in every
+    # training part, item 3 twice in one user's training part
+    path.write_text("1 1 3 3 9 8\n2 1 2 9 8\n3 1 2 4 5 6\n")
+    dm = SequenceDataModule(path, cache_dir=None)
+    dm.setup("fit")
+    data = dm.data
+    popularity = item_popularity(dm)
+    raw = {int(v): i for i, v in enumerate(data.item_ids) if i > 0}  # raw id -> internal id
+    expected = {1: 3, 2: 2, 3: 2, 4: 1, 5: 0, 6: 0, 8: 0, 9: 0}
+    assert {r: int(popularity[raw[r]]) for r in expected} == expected
+    assert popularity.sum() == data.num_interactions - 2 * len(data.lengths)

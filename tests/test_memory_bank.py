@@ -180,6 +180,34 @@ def test_faiss_minus_one_is_never_a_row() -> None:
     assert (~mask).any() and (mask.sum(1) == torch.from_numpy((raw >= 0).sum(1))).all()
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat"])
+def test_bank_accepts_any_dtype_and_layout_and_searches_float32(kind) -> None:
+    """PITFALLS 9: faiss wants float32, C-contiguous arrays. float64, bf16 and transposed (not
+    contiguous) tensors, and float64 numpy arrays, give the float32 bank and search exactly
+    (bf16: the float32 values bf16 rounds to)."""
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(600, 8)).astype(np.float32)
+    users, ends, targets = np.arange(600) % 50, np.arange(600) // 50 + 1, np.arange(600) + 1
+    config = IndexConfig(kind=kind, nlist=4, nprobe=4)
+    reference = MemoryBank.from_arrays(h, users, ends, targets, config)
+    queries = torch.from_numpy(h[:64])
+    expected = reference.search(queries, users[:64], ends[:64], 10)
+    for built in (h.astype(np.float64), torch.from_numpy(h).double(), torch.from_numpy(h.T.copy()).T):
+        assert not isinstance(built, torch.Tensor) or built.dtype != torch.float32 or not built.is_contiguous()
+        bank = MemoryBank.from_arrays(built, users, ends, targets, config)
+        assert bank.h.dtype == np.float32 and np.array_equal(bank.h, h)
+        for q in (queries.double(), torch.from_numpy(h[:64].T.copy()).T, h[:64].astype(np.float64)):
+            rows, mask = bank.search(q, users[:64], ends[:64], 10)
+            assert torch.equal(rows, expected[0]) and torch.equal(mask, expected[1])
+    rounded = torch.from_numpy(h).bfloat16()
+    bank = MemoryBank.from_arrays(rounded, users, ends, targets, config)
+    assert np.array_equal(bank.h, rounded.float().numpy())
+    rows, mask = bank.search(rounded[:64], users[:64], ends[:64], 10)
+    again = MemoryBank.from_arrays(rounded.float(), users, ends, targets, config).search(
+        rounded[:64].float(), users[:64], ends[:64], 10)
+    assert torch.equal(rows, again[0]) and torch.equal(mask, again[1])
+
+
 def test_k_zero_and_empty_bank() -> None:
     h = np.ones((3, 4), np.float32)
     empty = MemoryBank(4)
@@ -372,9 +400,16 @@ def test_faiss_has_a_single_import_site() -> None:
     assert offenders == []
 
 
-def test_faiss_and_torch_work_together_in_a_fresh_process() -> None:
-    code = ("import torch; before = torch.get_num_threads()\n"
+@pytest.mark.parametrize("first", ["torch", "raserec", "faiss"])
+def test_faiss_and_torch_work_together_in_a_fresh_process(first: str) -> None:
+    """Whatever a user's script imports first (torch, raserec, or faiss itself), raserec loads
+    torch before faiss where it can, and search and torch products work in one process."""
+    prelude = {"torch": "import torch\n", "raserec": "import raserec.memory.faiss_import\n",
+               "faiss": "import faiss\n"}[first]
+    code = (prelude + "import sys, torch; before = torch.get_num_threads()\n"
             "from raserec.memory.bank import MemoryBank; import numpy as np\n"
+            "order = list(sys.modules)\n"
+            f"assert {first == 'faiss'} or order.index('torch') < order.index('faiss'), 'faiss loaded before torch'\n"
             # faiss resolves OpenMP to torch's runtime: importing it must not change torch's threads
             "assert torch.get_num_threads() == before, (before, torch.get_num_threads())\n"
             "h = np.random.default_rng(0).normal(size=(3000, 8)).astype('float32')\n"

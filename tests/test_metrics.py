@@ -56,3 +56,35 @@ def test_metrics_independent_of_batching() -> None:
 def test_rejects_bad_cutoffs() -> None:
     with pytest.raises(ValueError):
         RankingMetrics(ks=(0, 5))
+
+
+def test_full_ranking_evaluation_never_sorts_the_item_scores(monkeypatch) -> None:
+    """PITFALLS 17: the test pass ranks by one score matmul and a count per batch; a sort, argsort
+    or top-k over the [B, N] scores (O(N log N) per query) is the slow way, refused here."""
+    import lightning as L
+
+    from raserec.pretrain.module import PretrainModule
+    from tests.test_memory_bank import synthetic_dm
+
+    dm = synthetic_dm(batch_size=16, eval_batch_size=8)
+    torch.manual_seed(0)
+    model = PretrainModule(dm.num_items, positive_pair="none", lambda_ret=0.0)
+    products = []
+    model.item_weights = (lambda f: lambda: products.append(1) or f())(model.item_weights)
+
+    def refusing(original):
+        def guarded(x, *args, **kwargs):  # small sorts (the encoder's length buckets) are fine
+            if x.dim() >= 2 and x.size(-1) >= dm.num_items:
+                raise AssertionError(f"full-ranking evaluation sorted a {tuple(x.shape)} score matrix")
+            return original(x, *args, **kwargs)
+        return guarded
+
+    for name in ("sort", "argsort", "topk", "kthvalue", "msort"):
+        monkeypatch.setattr(torch, name, refusing(getattr(torch, name)))
+        monkeypatch.setattr(torch.Tensor, name, refusing(getattr(torch.Tensor, name)))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    batches = math.ceil(len(dm.pairs("test")) / 8)
+    assert len(products) == batches  # one item-score product per test batch
+    assert 0.0 <= metrics["test/NDCG@10"] <= metrics["test/HR@10"] <= 1.0

@@ -62,3 +62,33 @@ def test_an_injected_objective_shares_the_view_pass_and_is_weighted() -> None:
     expected = NextItemCE().loss(module.encoder, batch, {"sequence": h}) + 0.5 * h.pow(2).sum(1).mean()
     assert torch.allclose(loss, expected, atol=1e-5)
     assert not module.uses_positives
+
+
+def test_us_x_views_of_one_batch_get_independent_dropout_in_the_training_step(monkeypatch) -> None:
+    """PITFALLS 13 at module level: the us_x anchor (a second dropout pass of the sequence) must
+    differ from the sequence view that L_rec reads, although both come from the same input ids,
+    and the batch's ids must come out of the step untouched."""
+    import raserec.pretrain.objectives as objectives
+
+    dm = synthetic_dm(batch_size=32)
+    dm.setup("fit")
+    batch = dm.dataset("train").__getitems__(list(range(32)))
+    dm.add_positives(batch, 0)
+    ids = batch["input_ids"].clone()
+    torch.manual_seed(0)
+    module = PretrainModule(dm.num_items, positive_pair="dropout_and_same_target", lambda_ret=0.1).train()
+    module.log_dict = lambda *a, **k: None
+    seen = {}
+    monkeypatch.setattr(objectives, "next_item_loss",
+                        lambda h, w, t: seen.setdefault("sequence", h.detach()).sum() * 0)
+    monkeypatch.setattr(objectives, "info_nce",
+                        lambda a, p, *args: seen.setdefault("anchor", a.detach()).sum() * 0)
+    module.training_step(batch, 0)
+    keep = batch["has_positive"]
+    assert keep.sum() > 0 and torch.equal(batch["input_ids"], ids)
+    gap = (seen["sequence"][keep] - seen["anchor"]).abs().amax(1)
+    assert (gap > 1e-3).all()  # every row: two dropout masks, two different representations
+    module.eval()
+    seen.clear()
+    module.training_step(batch, 0)
+    assert torch.allclose(seen["sequence"][keep], seen["anchor"], atol=1e-6)  # same math without dropout

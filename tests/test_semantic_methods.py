@@ -97,6 +97,36 @@ def test_prefix_neighbours_exclude_self_same_user_and_future_text(slice_dm, slic
     assert not (items[1:] == np.arange(1, len(items))[:, None]).any() and not items[0].any()
 
 
+def test_prefix_neighbour_cache_follows_the_data_and_the_window(slice_dm, beauty_slice, tmp_path,
+                                                                 monkeypatch) -> None:
+    """PITFALLS 3: the neighbour table (the authors' ``semantic_augmentation.npy``) is cached under
+    a key of its inputs: the same inputs read it back, a changed prefix window or changed data
+    compute it afresh, never a stale copy."""
+    import raserec.semantic.space as space_module
+
+    cfg = SemanticConfig(text_source=str(ITEMS), embedder="hash", cache_dir=str(tmp_path / "sem"),
+                         prefix_vectors="mean_items")
+    first = SemanticSpace(slice_dm, cfg, progress=False).prefix_neighbours
+    computed = []
+    original = space_module.semantic_neighbours
+    monkeypatch.setattr(space_module, "semantic_neighbours",
+                        lambda *a, **k: computed.append(1) or original(*a, **k))
+    assert np.array_equal(SemanticSpace(slice_dm, cfg, progress=False).prefix_neighbours, first)
+    assert computed == []  # same inputs: read from the cache
+    narrow = SemanticSpace(slice_dm, replace(cfg, prefix_window=3), progress=False).prefix_neighbours
+    assert computed == [1] and not np.array_equal(narrow, first)
+    # The same users with one interaction fewer at the front of the first user: other prefixes.
+    lines = beauty_slice.read_text().splitlines()
+    user, *items = lines[0].split()
+    changed = tmp_path / "changed.txt"
+    changed.write_text("\n".join([" ".join([user, *items[1:]]), *lines[1:]]) + "\n")
+    dm = SequenceDataModule(changed, cache_dir=None, batch_size=64)
+    dm.setup("fit")
+    shifted = SemanticSpace(dm, cfg, progress=False).prefix_neighbours
+    assert computed == [1, 1] and len(shifted) == len(dm.pairs("train"))
+    assert len(list((tmp_path / "sem").glob("neighbours-*.npy"))) == 3
+
+
 def test_same_user_prefixes_dominate_without_the_exclusion(slice_dm, slice_space) -> None:
     cfg = replace(slice_space.config, exclude_same_user=False)
     rows = SemanticSpace(slice_dm, cfg, progress=False).prefix_neighbours
