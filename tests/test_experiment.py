@@ -169,6 +169,8 @@ def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
     summary = summarize(spec)
     assert summary["finetune"] == {"test/HR@50": 0.32}  # one seed: no std
     assert summary["per_seed"][0]["base_same_protocol"] == {"HR@50": 0.3}
+    record = json.loads((tmp_path / "beauty_ada.json").read_text())
+    assert record["metrics"] == {"test/HR@50": 0.32, "base/test/HR@50": 0.3}  # the README's Ada table reads both
     assert "| 1 | 0.1000 | — |" in (tmp_path / "beauty_ada" / "summary.md").read_text()
 
 

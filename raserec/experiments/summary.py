@@ -105,6 +105,9 @@ def summarize(spec) -> dict[str, Any]:
     dataset = spec.dataset or first_fine.get("dataset") or ""
 
     encoder, tuned = _aggregate(per_seed, "encoder"), _aggregate(per_seed, "finetune")
+    # Ada-Retrieval: the frozen pre-trained backbone scored on the fine-tuned model's own protocol
+    # (its plain top-100 list), as ``base/test/<k>`` beside the model's metrics.
+    base = {f"base/{k}": v for k, v in _aggregate(per_seed, "base_same_protocol").items()}
     across: dict[str, dict[str, float | None]] = {}
     if len(per_seed) > 1:
         for k in TEST_KEYS:
@@ -146,7 +149,7 @@ def summarize(spec) -> dict[str, Any]:
         "wall_time_s": summary["wall_time_s"],
         "epochs": ", ".join(f"{e['epochs']['pretrain']}+{e['epochs']['finetune']}" for e in per_seed),
         "notes": summary["notes"],
-        "metrics": tuned,
+        "metrics": {**tuned, **base},
         "encoder_metrics": encoder,
         "paired_test_across_seeds": across,
         "paired_test_per_seed": {str(e["seed"]): e.get("paired_test") for e in per_seed},
