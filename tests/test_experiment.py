@@ -165,12 +165,16 @@ def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
     common = {"command": "raserec fit", "hardware": "cpu", "dataset": "Beauty", "epochs": 1, "wall_time_s": 2.0}
     (seed_dir / "pretrain.json").write_text(json.dumps({**common, "metrics": {"test/HR@10": 0.1, "test/HR@50": 0.3}}))
     (seed_dir / "finetune.json").write_text(json.dumps({**common, "model": "Ada", "metrics": {
-        "test/HR@50": 0.32, "base/test/HR@50": 0.3}}))
+        "test/HR@50": 0.32, "base/test/HR@50": 0.3}, "config": {"model": {"init_args": {"mask_history": False}}}}))
     summary = summarize(spec)
     assert summary["finetune"] == {"test/HR@50": 0.32}  # one seed: no std
     assert summary["per_seed"][0]["base_same_protocol"] == {"HR@50": 0.3}
     record = json.loads((tmp_path / "beauty_ada.json").read_text())
     assert record["metrics"] == {"test/HR@50": 0.32, "base/test/HR@50": 0.3}  # the README's Ada table reads both
+    from raserec.results_table import ada_table, load
+
+    row = next(line for line in ada_table(load(tmp_path)).splitlines() if "beauty_ada.json" in line)
+    assert "| 0.3200 |  | 0.3000 |" in row and "| +6.7% |" in row and "| False |" in row
     assert "| 1 | 0.1000 | — |" in (tmp_path / "beauty_ada" / "summary.md").read_text()
 
 

@@ -154,6 +154,7 @@ def summarize(spec) -> dict[str, Any]:
         "paired_test_across_seeds": across,
         "paired_test_per_seed": {str(e["seed"]): e.get("paired_test") for e in per_seed},
         "experiment_dir": str(spec.out),
+        "config": first_fine.get("config"),  # stage 2's resolved config (first seed; the others differ in seed)
     }
     write_results(spec.results_dir / f"{spec.name}.json", record)
     return summary
