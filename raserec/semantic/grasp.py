@@ -8,12 +8,20 @@ Choices where the note marks the method unknown (each a setting):
   normalised mean of the vectors of the sequence's last ``semantic.prefix_window`` items, computed
   in the forward pass, so a training query never sees text of its own target.
 - Similar users: the ``similar_users`` nearest *users* by cosine between ``s_u`` and each user's
-  training-part vector (first ``n - 2`` items, the same mean), the query's own user always
+  training-part vector (the same mean over the last ``prefix_window`` of its first ``n - 2``
+  items), the query's own user always
   excluded (its training part holds its training targets); ``s~_u`` is their mean.
 - Similar items: ``s~_i`` is the mean vector of item i's ``semantic.k`` semantic neighbours.
 - The loss is read at the last position only (the framework's pair training), which removes the
   note's within-sequence leakage of a whole-history user context.
 - Scoring uses the ID embeddings E[v] (the backbone's own output layer).
+
+Settings that differ from the paper's (LLM-ESR's) setup, kept so that GRASP is compared with the
+same SASRec as every other row: full-softmax CE at the last position (LLM-ESR: BCE with one
+negative at every position), max_len 50 (paper 100), 2 heads (1), batch 256 (128), early
+stopping on val HR@10 with patience 10 (NDCG@10, 20), 5-core Beauty (LLM-ESR's 3-core Beauty has
+52k users, 57k items and a longer tail, where GRASP's gains are largest), and the HAE layers keep
+PyTorch's default initialisation (the backbone: N(0, 0.02)).
 """
 
 from __future__ import annotations

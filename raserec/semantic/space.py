@@ -4,7 +4,8 @@ disk (every text and matrix under a key of its inputs).
 
 Leakage rule: prefix texts and vectors are built from *training prefixes* (``v1..vt``,
 ``t <= n - 3``), which never contain a validation or test target; a user's training-part vector
-(GRASP's user bank) uses the first ``n - 2`` items, the validation query's input.
+(GRASP's user bank) reads the last ``prefix_window`` of the first ``n - 2`` items (the
+validation query's input).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ class SemanticSpace:
 
     @cached_property
     def user_vectors(self) -> np.ndarray:
-        """``[U, D]`` each user's training-part vector (the first ``n - 2`` items)."""
+        """``[U, D]`` each user's training-part vector (the last ``prefix_window`` of its first
+        ``n - 2`` items)."""
         users = np.arange(self.data.num_users, dtype=np.int64)
         return self.prefix_vectors_of(users, self.data.lengths.astype(np.int64) - 2)
 

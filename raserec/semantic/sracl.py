@@ -17,7 +17,10 @@ Deviations, all recorded: neighbour texts come from training prefixes only (neve
 test target; the official code used every prefix); by default the same user's other prefixes are
 excluded from a prefix's neighbours (``semantic.exclude_same_user``); text-less items and padding
 are never substituted or substitutes; ``neighbours_used`` can encode fewer than ``k`` neighbours
-per step (a CPU budget option; default all ``k``).
+per step (a CPU budget option; default all ``k``). The configs' prefix vectors are the mean of
+their items' vectors (``prefix_vectors: mean_items``; the official code embeds an LLM summary of
+each prefix); max_len is 50 like every other row (official: 20); early stopping watches val HR@10
+(official: MRR@10); L_CS's anchor is the pass the CE reads (official: a separate dropout pass).
 """
 
 from __future__ import annotations
