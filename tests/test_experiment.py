@@ -79,6 +79,38 @@ def test_rerun_skips_finished_stages(short_experiment, capsys, monkeypatch):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
+def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, monkeypatch):
+    from raserec.experiments.runner import main as experiment
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune", "configs/beauty_raft.yaml",
+            "--seeds", "1", "2", "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+    spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), Path("configs/beauty_raft.yaml"), [1, 2],
+                          results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
+    assert experiment([*argv, "--carry"]) == 0 and "nothing to carry" in capsys.readouterr().out
+    # seed 1: stage 1 finished (results file), stage 2 interrupted; seed 2: stage 1 interrupted
+    for seed, stage in ((1, "pretrain"), (1, "finetune"), (2, "pretrain")):
+        for which in ("last", "best"):
+            path = spec.checkpoint(seed, stage, which)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"{seed}-{stage}-{which}".encode())
+    spec.stage_results(1, "pretrain").parent.mkdir(parents=True, exist_ok=True)
+    spec.stage_results(1, "pretrain").write_text("{}")
+    assert experiment([*argv, "--carry"]) == 0
+    carried = sorted(p.relative_to(tmp_path / "results") for p in (tmp_path / "results").rglob("*.ckpt"))
+    assert [str(p) for p in carried] == ["x/seed_1/finetune_best.ckpt", "x/seed_1/finetune_last.ckpt",
+                                         "x/seed_2/pretrain_best.ckpt", "x/seed_2/pretrain_last.ckpt"]
+    assert "carried" in capsys.readouterr().out
+    # on a fresh machine (no runs/), the same command restores them and resumes
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    assert restore_carried(spec, 2, "pretrain")
+    assert spec.checkpoint(2, "pretrain", "last").read_bytes() == b"2-pretrain-last"
+    args = stage_command(spec, 2, "pretrain")
+    assert args[args.index("--ckpt_path") + 1] == str(spec.checkpoint(2, "pretrain", "last"))
+
+
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
     spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), Path("configs/beauty_raft.yaml"), [7],
                           results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")

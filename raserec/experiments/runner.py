@@ -177,6 +177,27 @@ def restore_carried(spec: ExperimentSpec, seed: int, stage: str) -> bool:
     return restored
 
 
+def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
+    """The reverse of :func:`restore_carried`: copy each unfinished stage's ``last``/``best``
+    checkpoints from ``runs/`` to ``results/<name>/seed_<s>/<stage>_{last,best}.ckpt`` (to commit
+    them), so that the same experiment command resumes the stage on another machine. Finished
+    stages (their results file exists) and stages that never saved a checkpoint are skipped."""
+    stages = ["pretrain"] + (["finetune"] if spec.finetune is not None else [])
+    copied = []
+    for seed in spec.seeds:
+        for stage in stages:
+            last = spec.checkpoint(seed, stage, "last")
+            if spec.stage_results(seed, stage).is_file() or not last.is_file():
+                continue
+            for which in ("last", "best"):
+                src, dst = spec.checkpoint(seed, stage, which), spec.carried(seed, stage, which)
+                if src.is_file():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+                    copied.append(dst)
+    return copied
+
+
 def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
     restore_carried(spec, seed, stage)
     args = stage_command(spec, seed, stage)
@@ -308,6 +329,10 @@ def _ranks_not_applicable(spec: ExperimentSpec, seed: int) -> bool:
 
 
 def parse_args(argv: list[str]) -> ExperimentSpec:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
     p = argparse.ArgumentParser(
         prog="raserec experiment",
         description="Run pre-train -> fine-tune -> test over several seeds and summarise (resumable: "
@@ -334,6 +359,9 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
     p.add_argument("--stage1-from", metavar="NAME",
                    help="take each seed's stage 1 from experiment NAME (results/NAME/seed_<s>/pretrain.json and "
                         "encoder.pt) instead of training it: a new stage 2 on the same encoders")
+    p.add_argument("--carry", action="store_true",
+                   help="run nothing: copy the unfinished stages' last/best checkpoints from runs/ to "
+                        "results/<name>/seed_<s>/<stage>_{last,best}.ckpt (commit them; the same command resumes there)")
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
     for path in (a.pretrain, *([a.finetune] if a.finetune else []), *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
@@ -349,15 +377,24 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
     if len(set(a.seeds)) != len(a.seeds):
         raise RaserecError(f"--seeds must be distinct, got {a.seeds}")
     backbone = a.backbone or (a.model.stem if a.model is not None and a.model.stem in BACKBONES else "sasrec")
-    return ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, backbone,
-                          a.results_dir, a.runs_dir, fit_args,
-                          command=shlex.join(["raserec", "experiment", *argv]), data=a.data, model=a.model,
+    command = shlex.join(["raserec", "experiment", *[arg for arg in argv if arg != "--carry"]])
+    spec = ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, backbone,
+                          a.results_dir, a.runs_dir, fit_args, command=command, data=a.data, model=a.model,
                           stage1_from=a.stage1_from)
+    return spec, a
 
 
 def main(argv: list[str]) -> int:
-    run(parse_args(argv))
+    spec, options = _parse(argv)
+    if options.carry:
+        copied = carry_unfinished(spec)
+        for path in copied:
+            print(f"carried {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        if not copied:
+            print(f"{spec.name}: no unfinished stage with a checkpoint in {spec.runs_dir}: nothing to carry")
+        return 0
+    run(spec)
     return 0
 
 
-__all__ = ["ExperimentSpec", "run", "stage_command", "main"]
+__all__ = ["ExperimentSpec", "carry_unfinished", "run", "stage_command", "main"]
