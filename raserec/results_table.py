@@ -178,6 +178,37 @@ def semantic_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results_dir: Path) -> str:
+    """What a converged run cost, per experiment and stage: epochs, wall time and seconds per
+    epoch (training + validation) on the recorded hardware, to plan runs on a CPU. A stage taken
+    from another experiment (``--stage1-from``) cost nothing and is left out; wall times of runs
+    resumed on another machine span both (see each record's notes)."""
+    lines = ["| experiment | dataset | stage | seeds | epochs | wall time per seed | s per epoch | hardware |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(results_dir.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        if "cpu_short" in s.get("command", "") or "per_seed" not in s:
+            continue
+        stages = ("pretrain", "finetune") if "finetune" in s else (None,)
+        for stage in stages:
+            runs = []
+            for e in s["per_seed"]:
+                epochs = e["epochs"][stage] if stage else e.get("epochs")
+                wall = e["wall_time_s"][stage] if stage else e.get("wall_time_s")
+                if stage and e.get("stage1_from") and stage == "pretrain" or not epochs or not wall:
+                    continue
+                runs.append((int(epochs), float(wall)))
+            if not runs:
+                continue
+            per_epoch = [w / n for n, w in runs]
+            hardware = ", ".join(sorted({e.get("hardware") or s["hardware"] for e in s["per_seed"]}))
+            lines.append(f"| {path.parent.name} | {s['dataset']} | {stage or 'single stage'} | {len(runs)} | "
+                         f"{', '.join(str(n) for n, _ in runs)} | "
+                         f"{sum(w for _, w in runs) / len(runs) / 3600:.2f} h | "
+                         f"{sum(per_epoch) / len(per_epoch):.0f} | {hardware} |")
+    return "\n".join(lines)
+
+
 def analyses_table(results_dir: Path) -> str:
     lines = ["| analysis | dataset | model | model checkpoint | wall time | hardware | command | files |",
              "|---|---|---|---|---|---|---|---|"]
@@ -214,6 +245,7 @@ def render(results_dir: Path) -> str:
             f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
             f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"
             f"### Speed benchmarks\n\n{bench_table(results)}\n\n"
+            f"### What a converged run costs (per seed, from the experiments' records)\n\n{cost_table(results_dir)}\n\n"
             f"### Robustness (bad inputs, `tests/robustness.py`)\n\n{robustness_table(results_dir)}\n{END}")
 
 

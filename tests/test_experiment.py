@@ -185,6 +185,11 @@ def test_readme_table_is_generated_from_the_experiment(short_experiment):
     assert "| Beauty | sasrec | RaSeRec (paper) | 0.0569 | 0.0369 | 0.0860 | 0.0463 |" in block
     # the experiment's results-file is not listed a second time among the single runs
     assert f"| {name}.json |" not in block
+    # cost per stage: epochs and seconds per epoch from the per-seed records
+    cost = next(line for line in block.splitlines() if line.startswith(f"| {name} | Beauty | finetune |"))
+    epochs = [e["epochs"]["finetune"] for e in summary["per_seed"]]
+    per_epoch = np.mean([e["wall_time_s"]["finetune"] / e["epochs"]["finetune"] for e in summary["per_seed"]])
+    assert f"| 2 | {', '.join(map(str, epochs))} |" in cost and f"| {per_epoch:.0f} |" in cost
 
 
 def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
