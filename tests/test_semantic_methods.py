@@ -295,6 +295,14 @@ def test_hae_is_causal_and_sigmoid_differs_from_softmax() -> None:
     soft = HolisticAttention(8, 4, HAEConfig(score_fn="softmax"))
     soft.load_state_dict(hae.state_dict())
     assert not torch.allclose(soft.eval()(e, ids, table, similar, u, u2), out)
+    # id_residual: e_t + MLP(...); with the MLP's output layer zeroed the ID embedding passes unchanged
+    residual = HolisticAttention(8, 4, HAEConfig(id_residual=True)).eval()
+    residual.load_state_dict(hae.state_dict())
+    assert torch.allclose(residual(e, ids, table, similar, u, u2)[ids > 0], (out + e)[ids > 0], atol=1e-6)
+    torch.nn.init.zeros_(residual.mlp[-1].weight)
+    torch.nn.init.zeros_(residual.mlp[-1].bias)
+    passed = residual(e, ids, table, similar, u, u2)
+    assert torch.equal(passed[ids > 0], e[ids > 0]) and not passed[ids == 0].any()
 
 
 def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torch_thread) -> None:

@@ -13,7 +13,7 @@ unknown as a field of :class:`HAEConfig`:
   causal and padding-masked, then LayerNorm (or division by the number of attended items):
   ``i_self`` (q over x), ``i_sim`` (q~ over x~), ``i_glob`` (the user-only query ``W_Q c`` over x);
 - ``x_in_t = MLP([e_t || i_self || i_sim || i_glob])`` (``Linear(4d, d)``, GELU, ``Linear(d, d)``),
-  which the backbone reads in place of its item embeddings.
+  which the backbone reads in place of its item embeddings (``id_residual``: ``e_t + MLP(...)``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class HAEConfig:
     """The global branch attends causally too (position t sees items up to t)."""
     norm: Literal["layernorm", "length"] = "layernorm"
     """Scale of the unnormalised sigmoid sums: LayerNorm, or division by the attended count."""
+    id_residual: bool = False
+    """Add the MLP's output to the ID embedding (``e_t + MLP([...])``) instead of replacing it:
+    the ID path reaches the backbone unchanged and HAE learns a correction (the note's appendix
+    A.3 view ``W_e e_u + W_c e_c``); off: the note's reconstruction, ``MLP([...])`` alone."""
 
     def __post_init__(self) -> None:
         if self.score_fn not in ("sigmoid", "softmax"):
@@ -135,5 +139,6 @@ class HolisticAttention(nn.Module):
         features = torch.cat(parts, dim=-1)
         # The MLP runs on real positions only; padding stays zero, as a padding embedding would be.
         out = features.new_zeros(*real.shape, self.mlp[-1].out_features)
-        out[real] = self.mlp(features[real])
+        fused = self.mlp(features[real])
+        out[real] = fused + ids_embedding[real] if cfg.id_residual else fused
         return out
