@@ -190,18 +190,17 @@ def cost_table(results_dir: Path) -> str:
         if "cpu_short" in s.get("command", "") or "per_seed" not in s:
             continue
         stages = ("pretrain", "finetune") if "finetune" in s else (None,)
+        hardware = ", ".join(sorted({e.get("hardware") or s["hardware"] for e in s["per_seed"]}))
         for stage in stages:
+            # An adopted stage 1 is recorded with wall time 0, so it drops out here.
             runs = []
             for e in s["per_seed"]:
-                epochs = e["epochs"][stage] if stage else e.get("epochs")
-                wall = e["wall_time_s"][stage] if stage else e.get("wall_time_s")
-                if stage and e.get("stage1_from") and stage == "pretrain" or not epochs or not wall:
-                    continue
-                runs.append((int(epochs), float(wall)))
+                n, w = (e["epochs"][stage], e["wall_time_s"][stage]) if stage else (e.get("epochs"), e.get("wall_time_s"))
+                if n and w:
+                    runs.append((int(n), float(w)))
             if not runs:
                 continue
             per_epoch = [w / n for n, w in runs]
-            hardware = ", ".join(sorted({e.get("hardware") or s["hardware"] for e in s["per_seed"]}))
             lines.append(f"| {path.parent.name} | {s['dataset']} | {stage or 'single stage'} | {len(runs)} | "
                          f"{', '.join(str(n) for n, _ in runs)} | "
                          f"{sum(w for _, w in runs) / len(runs) / 3600:.2f} h | "

@@ -36,13 +36,13 @@ def test_bank_scale_keys_recall_and_sizes() -> None:
 
 def test_epoch_time_times_the_training_loop_and_scales_to_an_epoch(tiny_file) -> None:
     from raserec.benchmarks.semantic_bench import build as build_method
-    from raserec.benchmarks.train_bench import model_epoch_time
+    from raserec.benchmarks.train_bench import epoch_time
     from raserec.data.datamodule import SequenceDataModule
 
     dm = SequenceDataModule(tiny_file, batch_size=4, eval_batch_size=4, cache_dir=None)
     dm.setup("fit")
     pairs = len(dm.pairs("train"))
-    figures = model_epoch_time(dm, build_method("usx", dm.num_items), batches=2)
+    figures = epoch_time(dm, "dropout_and_same_target", batches=2)
     assert figures["steps"] == 2 and figures["setup_s"] >= 0
     # two batches of 4 of the training pairs, scaled up to all of them
     assert abs(figures["epoch_s"] - figures["measured_s"] * pairs / 8) <= 0.01 + 0.01 * figures["epoch_s"]

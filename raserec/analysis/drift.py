@@ -68,10 +68,10 @@ def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, en
     cli = RaserecCLI(args=args, run=False)
     cli.datamodule.set_data(data)
     last = work_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("%s: resuming from %s", work_dir, last)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None,
-                    weights_only=True)
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("%s: resuming from %s", work_dir, resume)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume, weights_only=True)
     if cli.trainer.interrupted:
         raise RaserecError(f"{work_dir}: training was interrupted; re-run the same command to resume it")
     best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
