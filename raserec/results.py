@@ -49,6 +49,24 @@ def git_commit() -> str | None:
         return None
 
 
+def schedule(trainer: L.Trainer) -> str:
+    """How the fit that preceded this test ended, in words, so that no record can pass a capped
+    run off as a converged one: stopped by early stopping, or cut by ``max_epochs`` / ``max_time``
+    (then labelled "not converged"). Called at the end of a fit."""
+    epochs = trainer.current_epoch
+    es = trainer.early_stopping_callback
+    if es is not None and es.stopped_epoch > 0:
+        return (f"converged: early stopping on {es.monitor} (patience {es.patience}) "
+                f"ended the fit after {epochs} epochs")
+    timer = next((c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)), None)
+    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        return f"time-capped after {epochs} epochs (max_time): not converged, a smoke test"
+    if trainer.max_epochs is not None and epochs >= trainer.max_epochs:
+        return f"capped at max_epochs {trainer.max_epochs}: not converged" + (
+            "" if es is not None else " (no early stopping)")
+    return f"fit ended after {epochs} epochs"
+
+
 def write_results(path: str | Path, record: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +99,7 @@ class ResultsWriter(L.Callback):
         self._start = time.perf_counter()
         self._curve: list[dict[str, float]] = []
         self._fit_time: float | None = None
+        self._schedule = ""  # how the fit ended (set at fit end; empty for a test-only run)
 
     # on_validation_end runs after the module's epoch-end hook has logged this epoch's metrics.
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -111,6 +130,7 @@ class ResultsWriter(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_time = time.perf_counter() - self._start
+        self._schedule = schedule(trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -132,7 +152,8 @@ class ResultsWriter(L.Callback):
             "precision": str(trainer.precision),  # training precision; evaluation always runs float32
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
             "git_commit": git_commit(),
-            "notes": self.notes,
+            "notes": "; ".join(n for n in (self.notes, self._schedule) if n),
+            "schedule": self._schedule,
             "metrics": metrics,
             "val_curve": self._curve,
             "config": self.config,

@@ -147,10 +147,11 @@ def semantic_table(results_dir: Path) -> str:
     the same SASRec run (the papers used LLM text and other protocols: compare gains, not levels)."""
     rows: dict[str, list[tuple[str, dict, str, str]]] = {}
     for path in sorted(results_dir.glob("*.json")):
-        stem = path.stem
-        prefix, _, method = stem.rpartition("_")
-        if method not in SEMANTIC_METHODS or not prefix or "_" in prefix:
+        # <dataset>_<method>.json, or a variant of a method as <dataset>_<method>_<variant>.json
+        parts = path.stem.split("_")
+        if not 2 <= len(parts) <= 3 or parts[1] not in SEMANTIC_METHODS:
             continue
+        prefix = parts[0]
         r = json.loads(path.read_text())
         rows.setdefault(prefix, []).append((r["model"], r["metrics"], ", ".join(map(str, r.get("seeds", []))),
                                             path.name))

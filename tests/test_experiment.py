@@ -63,6 +63,10 @@ def test_summary_is_the_mean_and_std_over_seeds(short_experiment):
         assert key in record
     assert record["command"].startswith("raserec experiment --name beauty_raserec")
     assert record["metrics"]["test/HR@10"] == summary["finetune"]["test/HR@10"]
+    # a debug schedule labels itself in the record the README reads, for both stages
+    capped = "capped at max_epochs 1: not converged"
+    assert record["notes"] == f"{capped}; stage 1 {capped}"
+    assert summary["per_seed"][0]["schedule"] == {"pretrain": capped, "finetune": capped}
     md = (results / name / "summary.md").read_text()
     assert "RaSeRec (paper) | 0.0569" in md and "Paired significance tests" in md
 

@@ -112,6 +112,9 @@ def test_debug_run_results_file(debug_run: Path) -> None:
     assert not any(k.endswith("_std") for k in result["metrics"])  # one seed: no std
     assert result["config"]["model"]["init_args"]["lambda_ret"] == 0.1  # resolved config beside the figures
     assert [c["epoch"] for c in result["val_curve"]] == [1]
+    # a one-epoch debug run says in its own record that it is not a result
+    assert result["schedule"] == "capped at max_epochs 1: not converged"
+    assert result["notes"].endswith("capped at max_epochs 1: not converged")
 
 
 def test_predict_writes_original_ids(debug_run: Path, tmp_path: Path) -> None:
@@ -294,3 +297,45 @@ def test_last_checkpoint_is_written_every_epoch_not_only_on_improvement(tmp_path
     # The state keeps plain ModelCheckpoint's key: older checkpoints resume with their best score.
     (key,) = [k for k in last["callbacks"] if "Checkpoint" in k]
     assert key.startswith("ModelCheckpoint{") and last["callbacks"][key]["best_model_score"] == 1.0
+
+
+@pytest.mark.parametrize("how", ["early_stopping", "max_epochs", "max_time"])
+def test_results_record_how_the_fit_ended(tmp_path, how) -> None:
+    """The record's schedule says whether early stopping ended the fit or a cap cut it."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from raserec.results import ResultsWriter
+
+    class Worsening(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/HR@10", 1.0 / (self.current_epoch + 1))  # best at epoch 0, worse after
+
+        def test_step(self, batch, batch_idx):
+            self.log("test/HR@10", 0.5)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    writer = ResultsWriter(str(tmp_path / "r.json"), "toy", "m", notes="toy schedule")
+    callbacks = [writer] + ([EarlyStopping("val/HR@10", mode="max", patience=2)] if how == "early_stopping" else [])
+    limits = {"max_time": {"seconds": 0}} if how == "max_time" else {}
+    trainer = L.Trainer(max_epochs=6, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, **limits)
+    model = Worsening()
+    trainer.fit(model, data, data)
+    trainer.test(model, data, verbose=False)
+    record = json.loads((tmp_path / "r.json").read_text())
+    expected = {
+        "early_stopping": "converged: early stopping on val/HR@10 (patience 2) ended the fit after 3 epochs",
+        "max_epochs": "capped at max_epochs 6: not converged (no early stopping)",
+        "max_time": "time-capped after 0 epochs (max_time): not converged, a smoke test",
+    }[how]
+    assert record["schedule"] == expected and record["notes"] == f"toy schedule; {expected}"

@@ -90,6 +90,7 @@ def summarize(spec) -> dict[str, Any]:
             "wall_time_s": {"pretrain": 0.0 if pre.get("adopted_from") else pre.get("wall_time_s"),
                             "finetune": fine.get("wall_time_s")},
             "stage1_from": pre.get("adopted_from"),
+            "schedule": {"pretrain": pre.get("schedule"), "finetune": fine.get("schedule")},
             "commands": {"pretrain": pre.get("command"), "finetune": fine.get("command")},
             "hardware": fine.get("hardware") or pre.get("hardware"),
         }
@@ -133,7 +134,9 @@ def summarize(spec) -> dict[str, Any]:
         "wall_time_s": round(wall, 1),
         "hardware": per_seed[0]["hardware"],
         "command": spec.command,
-        "notes": first_fine.get("notes", ""),
+        "notes": "; ".join(n for n in (
+            first_fine.get("notes", ""),
+            f"stage 1 {per_seed[0]['schedule']['pretrain']}" if per_seed[0]["schedule"]["pretrain"] else "") if n),
         "model": first_fine.get("model", ""),
         "finetune_class": ((first_fine.get("config") or {}).get("model") or {}).get("class_path", ""),
     }
@@ -171,6 +174,7 @@ def summarize_single(spec) -> dict[str, Any]:
                              "epochs": res.get("epochs"), "wall_time_s": res.get("wall_time_s"),
                              "command": res.get("command"), "hardware": res.get("hardware"),
                              "model_name": res.get("model", ""), "notes": res.get("notes", ""),
+                             "schedule": res.get("schedule"),
                              "dataset": res.get("dataset", "")})
     if not per_seed:
         raise ValueError(f"{spec.name}: no seed has finished yet")
