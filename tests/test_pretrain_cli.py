@@ -48,7 +48,7 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
     # overlays that apply to one stage only go on top of that stage's config
-    stage_of_overlay = {"ram_": "beauty_raft.yaml", "ada_authors": "ada_beauty.yaml"}
+    stage_of_overlay = {"ram_": "beauty_raft.yaml", "ada_authors": "ada_beauty.yaml", "grasp_": "beauty_grasp.yaml"}
     overlay_base = next((v for k, v in stage_of_overlay.items() if config.startswith(k)), "beauty_pretrain.yaml")
     base = [] if config.endswith(("pretrain.yaml", "sasrec.yaml", "raft.yaml")) else [
         "--config", str(CONFIGS / overlay_base)]
