@@ -263,6 +263,26 @@ def test_results_writer_state_survives_resume() -> None:
     assert third._curve == [{"epoch": 5}]
 
 
+class Worsening(L.LightningModule):
+    """A toy module whose validation score is best at the first epoch and worse after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/HR@10", 1.0 / (self.current_epoch + 1))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/HR@10", 0.5)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 @pytest.mark.parametrize("on_train_epoch_end", [None, False])  # both hooks Lightning saves in
 def test_last_checkpoint_is_written_every_epoch_not_only_on_improvement(tmp_path, on_train_epoch_end) -> None:
     """Lightning 2.6 writes save_last only beside a new best; a resumed run would then restart
@@ -270,20 +290,6 @@ def test_last_checkpoint_is_written_every_epoch_not_only_on_improvement(tmp_path
     import torch
 
     from raserec.lightning_cli import EpochCheckpoint
-
-    class Worsening(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def training_step(self, batch, batch_idx):
-            return (self.w - 1).pow(2).sum()
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val/HR@10", 1.0 / (self.current_epoch + 1))  # best at epoch 0, worse after
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
     ckpt = EpochCheckpoint(dirpath=tmp_path, monitor="val/HR@10", mode="max", filename="best", save_last=True,
@@ -305,23 +311,6 @@ def test_results_record_how_the_fit_ended(tmp_path, how) -> None:
     from lightning.pytorch.callbacks import EarlyStopping
 
     from raserec.results import ResultsWriter
-
-    class Worsening(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def training_step(self, batch, batch_idx):
-            return (self.w - 1).pow(2).sum()
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val/HR@10", 1.0 / (self.current_epoch + 1))  # best at epoch 0, worse after
-
-        def test_step(self, batch, batch_idx):
-            self.log("test/HR@10", 0.5)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
     writer = ResultsWriter(str(tmp_path / "r.json"), "toy", "m", notes="toy schedule")
