@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from raserec.evaluation.metrics import relative_change_pct
+from raserec.experiments.plan import queue_table
 from raserec.paper import ADA as ADA_PAPER
 from raserec.paper import RASEREC as PAPER
 
@@ -258,6 +259,7 @@ def render(results_dir: Path) -> str:
             f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"
             f"### Speed benchmarks\n\n{bench_table(results)}\n\n"
             f"### What a converged run costs (per seed, from the experiments' records)\n\n{cost_table(results_dir)}\n\n"
+            f"### Reproduction queue (`raserec/experiments/plan.py`)\n\n{queue_table(results_dir)}\n\n"
             f"### Robustness (bad inputs, `tests/robustness.py`)\n\n{robustness_table(results_dir)}\n{END}")
 
 

@@ -262,3 +262,24 @@ def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys
     block = render(tmp_path)
     assert block.count("| beauty_grasp.json |") == 2  # the quality table and the semantic table
     assert "ours: pre-trained encoder" not in block
+
+
+def test_reproduction_queue_reads_done_and_carried_seeds(tmp_path):
+    from raserec.experiments.plan import PLAN, Planned, check_plan, queue_table
+
+    check_plan(PLAN, Path(__file__).resolve().parents[1])  # every planned command names real configs
+    with pytest.raises(FileNotFoundError, match="configs/nope.yaml"):
+        check_plan((Planned("x", "--pretrain configs/nope.yaml"),), Path(__file__).resolve().parents[1])
+    plan = (Planned("beauty_a", "--pretrain configs/beauty_sasrec.yaml"),
+            Planned("beauty_b", "--pretrain configs/beauty_grasp.yaml", (2024,)),
+            Planned("beauty_c", "--pretrain configs/beauty_sracl.yaml"))
+    (tmp_path / "beauty_a" / "seed_2025").mkdir(parents=True)
+    (tmp_path / "beauty_a" / "summary.json").write_text(json.dumps({"seeds": [2024], "wall_time_s": 7200.0}))
+    (tmp_path / "beauty_a" / "seed_2025" / "pretrain_last.ckpt").write_bytes(b"")
+    (tmp_path / "beauty_b").mkdir()
+    (tmp_path / "beauty_b" / "summary.json").write_text(json.dumps({"seeds": [2024], "wall_time_s": 3600.0}))
+    rows = queue_table(tmp_path, plan).splitlines()[2:]
+    assert rows[0] == ("| beauty_a | 2024 / 3 | 2025 | 2.0 | `raserec experiment --name beauty_a --pretrain "
+                       "configs/beauty_sasrec.yaml --seeds 2024 2025 2026` |")
+    assert rows[1] == "| beauty_b | 2024 / 1 |  | 1.0 | done |"
+    assert rows[2].startswith("| beauty_c | none / 3 |  |  | `raserec experiment --name beauty_c")
