@@ -9,6 +9,7 @@ are skipped, a carried stage resumes).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shlex
 from dataclasses import dataclass
@@ -83,6 +84,6 @@ def check_plan(plan: tuple[Planned, ...] = PLAN, root: Path = Path(".")) -> None
     """Every config a planned command names exists (a test runs this)."""
     for p in plan:
         words = shlex.split(p.args)
-        for flag, value in zip(words, words[1:]):
+        for flag, value in itertools.pairwise(words):
             if flag in ("--pretrain", "--finetune", "--data", "--overlay", "--model") and not (root / value).is_file():
                 raise FileNotFoundError(f"{p.name}: {flag} {value} does not exist")
