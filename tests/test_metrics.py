@@ -17,6 +17,23 @@ def test_target_ranks_pessimistic_ties() -> None:
     assert ranks.tolist() == [2, 3]  # 0.9 and the tie rank above item 3; constant scores rank last
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])  # one row per chunk, a ragged last chunk, one chunk
+def test_chunked_count_equals_the_bool_sum(monkeypatch, chunk) -> None:
+    from raserec.evaluation import ranking
+
+    monkeypatch.setattr(ranking, "_CHUNK", chunk * 50)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (23, 50), generator=g).float()  # many ties
+    scores[0, :5] = float("-inf")
+    scores[1, 3] = float("nan")
+    threshold = scores[:, 7:8].clone()
+    threshold[2] = float("-inf")  # every finite entry counts
+    expected = (scores >= threshold).sum(1)
+    assert torch.equal(ranking.count_at_least(scores, threshold), expected)
+    assert torch.equal(ranking.count_at_least(scores.bfloat16(), threshold.bfloat16()), expected)
+    assert ranking.count_at_least(scores, threshold).dtype == torch.int64
+
+
 def test_history_mask_keeps_target() -> None:
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     history = torch.tensor([[0, 1, 2]])
