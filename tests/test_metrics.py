@@ -34,6 +34,24 @@ def test_chunked_count_equals_the_bool_sum(monkeypatch, chunk) -> None:
     assert ranking.count_at_least(scores, threshold).dtype == torch.int64
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+@pytest.mark.parametrize("masked", [False, True])
+def test_product_ranks_equal_ranks_of_the_full_score_matrix(monkeypatch, chunk, masked) -> None:
+    from raserec.evaluation import ranking
+
+    monkeypatch.setattr(ranking, "_CHUNK", chunk * 40)
+    g = torch.Generator().manual_seed(1)
+    users = torch.randint(-2, 3, (19, 8), generator=g).float()  # integer products: exact ties
+    items = torch.randint(-2, 3, (40, 8), generator=g).float()
+    target = torch.randint(1, 41, (19,), generator=g)
+    history = torch.randint(0, 41, (19, 6), generator=g) if masked else None
+    if masked:
+        history[0, 0] = target[0]  # the target in the history is never masked
+    expected = ranking.target_ranks(users @ items.T, target, history)
+    assert torch.equal(ranking.product_ranks(users, items, target, history), expected)
+    assert torch.equal(ranking.product_ranks(users.bfloat16(), items.bfloat16(), target, history), expected)
+
+
 def test_history_mask_keeps_target() -> None:
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     history = torch.tensor([[0, 1, 2]])

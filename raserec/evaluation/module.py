@@ -17,7 +17,7 @@ from torch import Tensor
 from raserec.data.batch import SequenceBatch
 from raserec.errors import ConfigError, TrainingError
 from raserec.evaluation.metrics import RankingMetrics
-from raserec.evaluation.ranking import target_ranks, top_items
+from raserec.evaluation.ranking import product_ranks, top_items
 
 
 def rng_states() -> dict[str, Any]:
@@ -108,7 +108,9 @@ class RecommenderModule(L.LightningModule):
         return batch["input_ids"] if self.mask_history else None
 
     def _eval_step(self, batch: SequenceBatch, metrics: RankingMetrics) -> None:
-        ranks = target_ranks(self.scores(batch), batch["target"], self._history(batch))
+        # The same ranks as target_ranks(self.scores(batch), ...), scored a few rows at a time.
+        ranks = product_ranks(self.user_representation(batch), self.item_weights(), batch["target"],
+                              self._history(batch))
         metrics.update(ranks)
 
     @full_precision
