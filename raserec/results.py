@@ -14,6 +14,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from raserec.outputs import check_output_file
 
@@ -49,22 +51,31 @@ def git_commit() -> str | None:
         return None
 
 
-def schedule(trainer: L.Trainer) -> str:
-    """How the fit that preceded this test ended, in words, so that no record can pass a capped
-    run off as a converged one: stopped by early stopping, or cut by ``max_epochs`` / ``max_time``
-    (then labelled "not converged"). Called at the end of a fit."""
+def schedule(trainer: L.Trainer, first_epoch: int = 0) -> str:
+    """How the fit that just ended stopped, in words, so that no record can pass a capped run off
+    as a converged one. Converged means early stopping ran out of patience at the last epoch of
+    this fit (``first_epoch``: where a resumed fit started; a stop restored from an earlier fit,
+    or one overruled by ``min_epochs``, does not count). Everything else is named: another early
+    stopping reason (non-finite metric, thresholds), or a cap by ``max_steps``, ``max_time`` or
+    ``max_epochs`` (labelled "not converged")."""
     epochs = trainer.current_epoch
     es = trainer.early_stopping_callback
-    if es is not None and es.stopped_epoch > 0:
-        return (f"converged: early stopping on {es.monitor} (patience {es.patience}) "
-                f"ended the fit after {epochs} epochs")
-    timer = next((c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)), None)
+    stopped_here = es is not None and first_epoch <= es.stopped_epoch == epochs - 1 and es.stopped_epoch > 0
+    if stopped_here:
+        reason = getattr(es, "stopping_reason", EarlyStoppingReason.PATIENCE_EXHAUSTED)
+        if reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            return (f"converged: early stopping on {es.monitor} (patience {es.patience}) "
+                    f"ended the fit after {epochs} epochs")
+        return f"stopped by early stopping ({reason.name.lower()}) after {epochs} epochs: not converged"
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"capped at max_steps {trainer.max_steps} ({epochs} epochs): not converged"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
-        return f"time-capped after {epochs} epochs (max_time): not converged, a smoke test"
-    if trainer.max_epochs is not None and epochs >= trainer.max_epochs:
+        return f"time-capped after {epochs} epochs (max_time): not converged"
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and epochs >= trainer.max_epochs:
         return f"capped at max_epochs {trainer.max_epochs}: not converged" + (
             "" if es is not None else " (no early stopping)")
-    return f"fit ended after {epochs} epochs"
+    return f"fit ended after {epochs} epochs: not converged"
 
 
 def write_results(path: str | Path, record: dict[str, Any]) -> Path:
@@ -128,9 +139,12 @@ class ResultsWriter(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pending = None
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch  # after a checkpoint restore: where this fit resumed
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_time = time.perf_counter() - self._start
-        self._schedule = schedule(trainer)
+        self._schedule = schedule(trainer, getattr(self, "_first_epoch", 0))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

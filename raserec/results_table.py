@@ -113,8 +113,8 @@ def _schedule(s: dict) -> str:
     if "cpu_short" in s["command"]:
         return "CPU short (configs/cpu_short.yaml): smoke test, not a result"
     said = [v for e in s["per_seed"] for v in (e.get("schedule") or {}).values() if v]
-    if any("not converged" in v for v in said):
-        return "capped: not converged (see the records' schedule), not a result"
+    if not all(v.startswith("converged") for v in said):
+        return "not converged in every stage and seed (see the records' schedule): not a result"
     return "converged: both stages to early stopping (patience 10)"
 
 
@@ -129,8 +129,8 @@ def experiments_table(results_dir: Path) -> str:
         s = json.loads(path.read_text())
         if "finetune" not in s:  # a one-stage experiment: its results file is a row of the quality table
             continue
-        if "test/NDCG@10" not in s["finetune"]:  # Ada-Retrieval's top-50 protocol: the Ada table shows it
-            continue
+        if s.get("base_same_protocol") or "test/NDCG@10" not in s["finetune"]:
+            continue  # Ada-Retrieval's top-50 protocol: the Ada table shows it
         seeds = ", ".join(map(str, s["seeds"]))
         epochs = ", ".join(f"{e['epochs']['pretrain']} + {e['epochs']['finetune']}" for e in s["per_seed"])
         schedule = _schedule(s)
@@ -166,6 +166,8 @@ def semantic_table(results_dir: Path) -> str:
             continue
         prefix = parts[0]
         r = json.loads(path.read_text())
+        if "cpu_short" in r.get("command", "") or "not converged" in r.get("notes", ""):
+            continue  # converged runs only, as the RaSeRec rows below
         rows.setdefault(prefix, []).append((r["model"], r["metrics"], ", ".join(map(str, r.get("seeds", []))),
                                             path.name))
     for prefix in list(rows):

@@ -65,7 +65,7 @@ def test_summary_is_the_mean_and_std_over_seeds(short_experiment):
     assert record["metrics"]["test/HR@10"] == summary["finetune"]["test/HR@10"]
     # a debug schedule labels itself in the record the README reads, for both stages
     capped = "capped at max_epochs 1: not converged"
-    assert record["notes"] == f"{capped}; stage 1 {capped}"
+    assert record["notes"] == f"{capped}; seed 1 stage 1 {capped}; seed 2 stage 1 {capped}"
     assert summary["per_seed"][0]["schedule"] == {"pretrain": capped, "finetune": capped}
     md = (results / name / "summary.md").read_text()
     assert "RaSeRec (paper) | 0.0569" in md and "Paired significance tests" in md
@@ -186,6 +186,7 @@ def test_readme_table_is_generated_from_the_experiment(short_experiment):
     mean, std = summary["finetune"]["test/HR@10"], summary["finetune"]["test/HR@10_std"]
     row = next(line for line in block.splitlines() if "| ours: RaSeRec |" in line)
     assert f"{mean:.4f} ± {std:.4f}" in row and "| 1, 2 |" in row
+    assert "| not converged in every stage and seed (see the records' schedule): not a result |" in row
     assert "| Beauty | sasrec | RaSeRec (paper) | 0.0569 | 0.0369 | 0.0860 | 0.0463 |" in block
     # the experiment's results-file is not listed a second time among the single runs
     assert f"| {name}.json |" not in block

@@ -50,6 +50,11 @@ def test_product_ranks_equal_ranks_of_the_full_score_matrix(monkeypatch, chunk, 
     expected = ranking.target_ranks(users @ items.T, target, history)
     assert torch.equal(ranking.product_ranks(users, items, target, history), expected)
     assert torch.equal(ranking.product_ranks(users.bfloat16(), items.bfloat16(), target, history), expected)
+    # parameters that require grad are fine (evaluation outside no_grad), and float64 stays float64
+    assert torch.equal(ranking.product_ranks(users.requires_grad_(), items, target, history), expected)
+    close = torch.tensor([[1.0]], dtype=torch.float64)
+    pair = torch.tensor([[1.0], [1.0 + 1e-12]], dtype=torch.float64)  # a float32 tie, not a float64 one
+    assert ranking.product_ranks(close, pair, torch.tensor([2])).tolist() == [0]
 
 
 def test_history_mask_keeps_target() -> None:

@@ -305,26 +305,49 @@ def test_last_checkpoint_is_written_every_epoch_not_only_on_improvement(tmp_path
     assert key.startswith("ModelCheckpoint{") and last["callbacks"][key]["best_model_score"] == 1.0
 
 
-@pytest.mark.parametrize("how", ["early_stopping", "max_epochs", "max_time"])
+class Recovering(Worsening):
+    """Worse after the first epoch, then better every epoch from the fourth on."""
+
+    def validation_step(self, batch, batch_idx):
+        e = self.current_epoch
+        self.log("val/HR@10", 1.0 / (e + 1) if e < 3 else float(e))
+
+
+@pytest.mark.parametrize("how", ["early_stopping", "max_epochs", "max_time", "max_steps", "min_epochs", "resumed"])
 def test_results_record_how_the_fit_ended(tmp_path, how) -> None:
-    """The record's schedule says whether early stopping ended the fit or a cap cut it."""
-    from lightning.pytorch.callbacks import EarlyStopping
+    """The record's schedule says whether early stopping ended the fit or a cap cut it; a stop
+    restored from an earlier fit, or one that min_epochs overruled, is not convergence."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from raserec.results import ResultsWriter
 
     data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
-    writer = ResultsWriter(str(tmp_path / "r.json"), "toy", "m", notes="toy schedule")
-    callbacks = [writer] + ([EarlyStopping("val/HR@10", mode="max", patience=2)] if how == "early_stopping" else [])
-    limits = {"max_time": {"seconds": 0}} if how == "max_time" else {}
-    trainer = L.Trainer(max_epochs=6, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, **limits)
-    model = Worsening()
-    trainer.fit(model, data, data)
-    trainer.test(model, data, verbose=False)
-    record = json.loads((tmp_path / "r.json").read_text())
+
+    def fit(max_epochs: int, ckpt_path: str | None = None, **limits) -> dict:
+        writer = ResultsWriter(str(tmp_path / "r.json"), "toy", "m", notes="toy schedule")
+        callbacks = [writer, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+        if how in ("early_stopping", "min_epochs", "resumed"):
+            callbacks.append(EarlyStopping("val/HR@10", mode="max", patience=2))
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, **limits)
+        model = Recovering() if ckpt_path else Worsening()
+        trainer.fit(model, data, data, ckpt_path=ckpt_path)
+        trainer.test(model, data, verbose=False)
+        return json.loads((tmp_path / "r.json").read_text())
+
+    limits = {"max_time": {"max_time": {"seconds": 0}}, "max_steps": {"max_steps": 3},
+              "min_epochs": {"min_epochs": 5}}.get(how, {})
+    record = fit(6, **limits)
+    if how == "resumed":  # stopped early after 3 epochs; resumed, it improves and runs to the cap
+        assert record["schedule"].startswith("converged")
+        record = fit(8, ckpt_path=str(tmp_path / "last.ckpt"))
     expected = {
         "early_stopping": "converged: early stopping on val/HR@10 (patience 2) ended the fit after 3 epochs",
         "max_epochs": "capped at max_epochs 6: not converged (no early stopping)",
-        "max_time": "time-capped after 0 epochs (max_time): not converged, a smoke test",
+        "max_time": "time-capped after 0 epochs (max_time): not converged",
+        "max_steps": "capped at max_steps 3 (2 epochs): not converged",
+        # patience ran out at epoch 3; min_epochs kept the fit going and early stopping ended it at 5
+        "min_epochs": "converged: early stopping on val/HR@10 (patience 2) ended the fit after 5 epochs",
+        "resumed": "capped at max_epochs 8: not converged",
     }[how]
     assert record["schedule"] == expected and record["notes"] == f"toy schedule; {expected}"

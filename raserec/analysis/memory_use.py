@@ -41,16 +41,16 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def fixed_memory_scores(module, rows: np.ndarray, mask: np.ndarray) -> ScoreFn:
-    """Scores of a RAFT ``module`` whose query ``i`` (the dataset row ``batch['index']``) uses the
+    """Scoring of a RAFT ``module`` whose query ``i`` (the dataset row ``batch['index']``) uses the
     memories at bank ``rows[i]`` (``mask[i]``) of the module's current bank."""
     module.eval()
 
-    def score(batch) -> torch.Tensor:
+    def score(batch) -> tuple[torch.Tensor, torch.Tensor]:
         idx = batch["index"].cpu().numpy()
         h = module.encoder(batch["input_ids"])
         if module.uses_retrieval:
             h = module.mix(h, torch.from_numpy(rows[idx]), torch.from_numpy(mask[idx]))
-        return module.encoder.score(h)
+        return h, module.encoder.item_weights()
 
     return score
 

@@ -2,8 +2,8 @@
 
 The README's "Reproduction queue" table is generated from this list and ``results/``: seeds
 finished (``results/<name>/summary.json``), seeds carried unfinished from an earlier machine
-(``results/<name>/seed_<s>/*_last.ckpt``, see ``raserec experiment --carry``), the CPU time the
-finished seeds took, and the one command that continues the experiment (finished seeds and stages
+(``results/<name>/seed_<s>/*_last.ckpt``, see ``raserec experiment --carry``), the wall time the
+finished seeds took (this experiment's own stages: a stage 1 adopted with ``--stage1-from`` counts 0), and the one command that continues the experiment (finished seeds and stages
 are skipped, a carried stage resumes).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,8 @@ def progress(plan: Planned, results_dir: Path) -> dict:
         s = json.loads(summary.read_text())
         done = [int(x) for x in s.get("seeds", [])]
         wall = float(s.get("wall_time_s") or 0.0)
-    carried = sorted(int(p.parent.name.removeprefix("seed_"))
-                     for p in (results_dir / plan.name).glob("seed_*/*_last.ckpt"))
+    carried = sorted(int(m.group(1)) for p in (results_dir / plan.name).glob("seed_*/*_last.ckpt")
+                     if (m := re.fullmatch(r"seed_(\d+)", p.parent.name)))
     return {"done": done, "carried": [s for s in dict.fromkeys(carried) if s not in done],
             "wall_per_seed_s": wall / len(done) if done else None}
 

@@ -119,11 +119,12 @@ def summarize(spec) -> dict[str, Any]:
                          "t": _finite(t.statistic) if t else None, "p_ttest": _finite(t.pvalue) if t else 1.0}
     paper_names = PAIRS.get((dataset, spec.backbone))
     paper = {name: RASEREC[(dataset, name)] for name in paper_names} if paper_names else {}
-    if base and spec.backbone == "sasrec" and dataset in ADA:
-        # Ada-Retrieval (top-50 protocol) is compared with its own paper's SASRec rows
-        h50, n50, bh50, bn50 = ADA[dataset]
-        paper = {"SASRec (Ada-Retrieval paper)": {"test/HR@50": bh50, "test/NDCG@50": bn50},
-                 "Ada-Retrieval, SASRec (paper)": {"test/HR@50": h50, "test/NDCG@50": n50}}
+    if base:  # Ada-Retrieval (top-50 protocol): its own paper's SASRec rows, never RaSeRec's
+        paper = {}
+        if spec.backbone == "sasrec" and dataset in ADA:
+            h50, n50, bh50, bn50 = ADA[dataset]
+            paper = {"SASRec (Ada-Retrieval paper)": {"test/HR@50": bh50, "test/NDCG@50": bn50},
+                     "Ada-Retrieval, SASRec (paper)": {"test/HR@50": h50, "test/NDCG@50": n50}}
     wall = sum(float(v or 0) for e in per_seed for v in e["wall_time_s"].values())
     summary = {
         "name": spec.name,
@@ -140,9 +141,7 @@ def summarize(spec) -> dict[str, Any]:
         "wall_time_s": round(wall, 1),
         "hardware": per_seed[0]["hardware"],
         "command": spec.command,
-        "notes": "; ".join(n for n in (
-            first_fine.get("notes", ""),
-            f"stage 1 {per_seed[0]['schedule']['pretrain']}" if per_seed[0]["schedule"]["pretrain"] else "") if n),
+        "notes": _notes(first_fine.get("notes", ""), per_seed),
         "model": first_fine.get("model", ""),
         "finetune_class": ((first_fine.get("config") or {}).get("model") or {}).get("class_path", ""),
     }
@@ -169,6 +168,19 @@ def summarize(spec) -> dict[str, Any]:
     return summary
 
 
+def _notes(first_notes: str, per_seed: list[dict[str, Any]]) -> str:
+    """The first seed's stage-2 notes (which end with its schedule), then every seed's stage-1
+    schedule and any stage-2 schedule that differs from the first seed's."""
+    extra = []
+    first = per_seed[0]["schedule"]["finetune"]
+    for e in per_seed:
+        if e["schedule"]["pretrain"]:
+            extra.append(f"seed {e['seed']} stage 1 {e['schedule']['pretrain']}")
+        if e is not per_seed[0] and e["schedule"]["finetune"] and e["schedule"]["finetune"] != first:
+            extra.append(f"seed {e['seed']} stage 2 {e['schedule']['finetune']}")
+    return "; ".join(n for n in (first_notes, *extra) if n)
+
+
 def summarize_single(spec) -> dict[str, Any]:
     """The summaries of a one-stage experiment (no ``finetune``): the stage's test metrics, mean
     +- std over the finished seeds."""
@@ -191,7 +203,10 @@ def summarize_single(spec) -> dict[str, Any]:
         "name": spec.name, "dataset": spec.dataset or first["dataset"], "backbone": spec.backbone,
         "seeds": seeds, "seeds_requested": list(spec.seeds), "metrics": metrics, "per_seed": per_seed,
         "wall_time_s": round(sum(float(e["wall_time_s"] or 0) for e in per_seed), 1),
-        "hardware": first["hardware"], "command": spec.command, "notes": first["notes"], "model": first["model_name"],
+        "hardware": first["hardware"], "command": spec.command, "model": first["model_name"],
+        "notes": "; ".join(n for n in [first["notes"], *(f"seed {e['seed']} {e['schedule']}" for e in per_seed[1:]
+                                                        if e["schedule"] and e["schedule"] != first["schedule"])]
+                           if n),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     write_results(spec.out / "summary.json", summary)
