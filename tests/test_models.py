@@ -67,6 +67,15 @@ def test_fast_dropout_statistics() -> None:
     assert abs((y == 0).float().mean().item() - 0.5) < 0.01
     assert abs(y.mean().item() - 1.0) < 0.01
     assert torch.equal(drop.eval()(x), x)
+    # the same draw gives exactly x * (rand >= p) / (1 - p), in values and in gradients
+    x = torch.randn(64, 8, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop.train()(x)
+    torch.manual_seed(1)
+    keep = (torch.rand_like(x) >= 0.5).float()
+    assert torch.equal(y, x * keep * 2.0)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad, keep * 2.0)
 
 
 def test_next_item_loss_excludes_padding() -> None:

@@ -37,7 +37,9 @@ class FastDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        # The mask is made in place in the draw's own float buffer (0 or 1 / (1 - p)): no bool
+        # tensor and no bool -> float copy; values and gradients equal x * (rand >= p) / (1 - p).
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
 
 class SelfAttentionBlock(nn.Module):
