@@ -42,7 +42,8 @@ def write_atomic(data_path: Path, out_dir: Path, name: str) -> Path:
 def run_peer(python: Path, data_dir: Path, name: str, threads: int, batch_size: int) -> dict:
     if not python.is_file():
         raise RaserecError(f"{python}: no peer interpreter; run `make bench-peer` (it creates .venv-peer)")
-    proc = subprocess.run([str(python.resolve()), str(PEER_SCRIPT), str(data_dir), name, "--threads", str(threads),
+    # absolute(), not resolve(): a venv interpreter is a symlink, and following it leaves the venv
+    proc = subprocess.run([str(python.absolute()), str(PEER_SCRIPT), str(data_dir), name, "--threads", str(threads),
                            "--batch-size", str(batch_size)], capture_output=True, text=True,
                           cwd=data_dir)  # RecBole writes log_tensorboard/ into its working directory
     if proc.returncode != 0:
