@@ -111,6 +111,7 @@ class ResultsWriter(L.Callback):
         self._curve: list[dict[str, float]] = []
         self._fit_time: float | None = None
         self._schedule = ""  # how the fit ended (set at fit end; empty for a test-only run)
+        self._first_epoch = 0  # where this fit started (set at fit start, after a checkpoint restore)
 
     # on_validation_end runs after the module's epoch-end hook has logged this epoch's metrics.
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -140,11 +141,11 @@ class ResultsWriter(L.Callback):
         self._pending = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._first_epoch = trainer.current_epoch  # after a checkpoint restore: where this fit resumed
+        self._first_epoch = trainer.current_epoch
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_time = time.perf_counter() - self._start
-        self._schedule = schedule(trainer, getattr(self, "_first_epoch", 0))
+        self._schedule = schedule(trainer, self._first_epoch)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -38,7 +38,7 @@ def product_ranks(users: Tensor, items: Tensor, target: Tensor, history: Tensor 
     b, n = users.size(0), items.size(0)
     if n >= 1 << 24:  # counts of 0/1 values in float32 are exact only below 2**24
         return target_ranks(users @ items.T, target, history)
-    rows = max(1, min(b, _CHUNK // max(n, 1)))
+    rows = _block_rows(b, n)
     buf = torch.empty(rows, n, dtype=dtype, device=users.device)
     out = torch.empty(b, dtype=torch.int64, device=users.device)
     for lo in range(0, b, rows):
@@ -65,6 +65,11 @@ def _mask_history(scores: Tensor, history: Tensor, target: Tensor) -> Tensor:
 _CHUNK = 1 << 22
 
 
+def _block_rows(b: int, n: int) -> int:
+    """Rows of a ``[b, n]`` score matrix per block: about ``_CHUNK`` entries, at least one row."""
+    return max(1, min(b, _CHUNK // max(n, 1)))
+
+
 def count_at_least(scores: Tensor, threshold: Tensor) -> Tensor:
     """Per row of ``scores`` ``[B, N]``, how many entries are ``>= threshold[row]`` (int64 ``[B]``).
 
@@ -76,7 +81,7 @@ def count_at_least(scores: Tensor, threshold: Tensor) -> Tensor:
     b, n = scores.shape
     if n >= 1 << 24:
         return (scores >= threshold).sum(1)
-    rows = max(1, min(b, _CHUNK // max(n, 1)))
+    rows = _block_rows(b, n)
     buf = torch.empty(rows, n, dtype=torch.float32, device=scores.device)
     out = torch.empty(b, dtype=torch.int64, device=scores.device)
     for lo in range(0, b, rows):

@@ -3,8 +3,9 @@
 The README's "Reproduction queue" table is generated from this list and ``results/``: seeds
 finished (``results/<name>/summary.json``), seeds carried unfinished from an earlier machine
 (``results/<name>/seed_<s>/*_last.ckpt``, see ``raserec experiment --carry``), the wall time the
-finished seeds took (this experiment's own stages: a stage 1 adopted with ``--stage1-from`` counts 0), and the one command that continues the experiment (finished seeds and stages
-are skipped, a carried stage resumes).
+finished seeds took (this experiment's own stages: a stage 1 adopted with ``--stage1-from``
+counts 0), and the one command that continues the experiment (finished seeds and stages are
+skipped, a carried stage resumes).
 """
 
 from __future__ import annotations
