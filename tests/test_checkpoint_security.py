@@ -67,7 +67,7 @@ def test_a_class_path_outside_the_trusted_modules_is_refused_before_import(tmp_p
 
 
 def test_a_trusted_module_object_that_is_not_an_encoder_is_refused(tmp_path: Path) -> None:
-    path = _record_file(tmp_path / "record.pt", class_path="raserec.models.encoders.sasrec.partial",
+    path = _record_file(tmp_path / "record.pt", class_path="raserec.models.encoders.sasrec.PackedLayout",
                         init_args={})
     with pytest.raises(CheckpointError, match="not a SequenceEncoder subclass"):
         load_encoder(path)

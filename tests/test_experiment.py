@@ -284,3 +284,17 @@ def test_reproduction_queue_reads_done_and_carried_seeds(tmp_path):
                        "configs/beauty_sasrec.yaml --seeds 2024 2025 2026` |")
     assert rows[1] == "| beauty_b | 2024 / 1 |  | 1.0 | done |"
     assert rows[2].startswith("| beauty_c | none / 3 |  |  | `raserec experiment --name beauty_c")
+
+
+def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():
+    from raserec.experiments.summary import TWO_STAGE_NOTES, _notes
+
+    conv, cap = "converged: early stopping", "capped at max_epochs 3: not converged"
+    two = [{"seed": 1, "schedule": {"pretrain": conv, "finetune": conv}},
+           {"seed": 2, "schedule": {"pretrain": cap, "finetune": conv}},
+           {"seed": 3, "schedule": {"pretrain": conv, "finetune": cap}}]
+    assert _notes("first", two, TWO_STAGE_NOTES) == (
+        f"first; seed 1 stage 1 {conv}; seed 2 stage 1 {cap}; seed 3 stage 1 {conv}; seed 3 stage 2 {cap}")
+    one = [{"seed": 1, "schedule": conv}, {"seed": 2, "schedule": conv}, {"seed": 3, "schedule": cap},
+           {"seed": 4, "schedule": None}]
+    assert _notes("", one, (("", lambda e: e["schedule"], False),)) == f"seed 3 {cap}"

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from raserec.checkpoint import RECORD_KEY, encoder_record, load_weights_only
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, ConfigError, check_optimizer
+from raserec.errors import CheckpointError, ConfigError
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.module import RecommenderModule, full_precision
 from raserec.evaluation.ranking import target_ranks
@@ -127,8 +127,8 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         ram: RAMConfig = RAMConfig(),
         ram_checkpoint: str | None = None,
     ) -> None:
-        super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
-        check_optimizer(lr, weight_decay)
+        super().__init__(lr=lr, weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
+                         predict_top_n=predict_top_n)
         if loss not in ("bce", "ce"):
             raise ConfigError(f"loss must be 'bce' or 'ce', got {loss!r}")
         if num_negatives < 1:
@@ -148,8 +148,6 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
             raise ConfigError(f"metric cut-off {max(metric_ks)} exceeds the list length {self.model.list_length}")
         self.loss_kind = loss
         self.num_negatives = num_negatives
-        self.lr = lr
-        self.weight_decay = weight_decay
         self.register_buffer("round_weights", round_decay ** torch.arange(rounds, dtype=torch.float32),
                              persistent=False)
         self.base_val_metrics = RankingMetrics(metric_ks)
@@ -253,11 +251,11 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         self.log_dict({f"train/loss_round{t + 1}": v for t, v in enumerate(losses.detach())}, batch_size=b)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def optimized_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.ram is not None:
             params += list(self.ram.parameters())
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return params
 
     # ---------------------------------------------------------------- evaluation
     def _eval(self, batch: SequenceBatch, metrics: RankingMetrics, base_metrics: RankingMetrics) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import random
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import lightning as L
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from raserec.data.batch import SequenceBatch
-from raserec.errors import ConfigError, TrainingError
+from raserec.errors import ConfigError, TrainingError, check_optimizer
 from raserec.evaluation.metrics import RankingMetrics
 from raserec.evaluation.ranking import product_ranks, top_items
 
@@ -66,20 +66,36 @@ def check_fits_data(module: L.LightningModule, datamodule: Any) -> None:
 class RecommenderModule(L.LightningModule):
     """Validation/test/predict steps shared by pre-training and fine-tuning.
 
+    Also owns the optimiser settings every module shares: Adam with ``lr`` and ``weight_decay``
+    over :meth:`optimized_parameters` (checked here, once, before any file is read).
+
     Args:
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
         metric_ks: cut-offs of HR@K and NDCG@K.
         mask_history: exclude items already in the input sequence from the ranking (off in the
             paper's protocol; the target itself is never excluded).
         predict_top_n: how many items ``predict`` returns per user.
     """
 
-    def __init__(self, metric_ks: Sequence[int] = (5, 10, 20, 50), mask_history: bool = False,
-                 predict_top_n: int = 10) -> None:
+    def __init__(self, *, lr: float = 1e-3, weight_decay: float = 0.0, metric_ks: Sequence[int] = (5, 10, 20, 50),
+                 mask_history: bool = False, predict_top_n: int = 10) -> None:
         super().__init__()
+        check_optimizer(lr, weight_decay)
+        self.lr = lr
+        self.weight_decay = weight_decay
         self.mask_history = mask_history
         self.predict_top_n = predict_top_n
         self.val_metrics = RankingMetrics(metric_ks)
         self.test_metrics = RankingMetrics(metric_ks)
+
+    def optimized_parameters(self) -> Iterable[torch.nn.Parameter]:
+        """What the optimiser trains (all parameters unless a module freezes a part); the order
+        is the optimiser state's order in checkpoints, so overrides must keep it stable."""
+        return self.parameters()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.optimized_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     @abstractmethod
     def user_representation(self, batch: SequenceBatch) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def summarize(spec) -> dict[str, Any]:
         "wall_time_s": round(wall, 1),
         "hardware": per_seed[0]["hardware"],
         "command": spec.command,
-        "notes": _notes(first_fine.get("notes", ""), per_seed),
+        "notes": _notes(first_fine.get("notes", ""), per_seed, TWO_STAGE_NOTES),
         "model": first_fine.get("model", ""),
         "finetune_class": ((first_fine.get("config") or {}).get("model") or {}).get("class_path", ""),
     }
@@ -169,17 +170,23 @@ def summarize(spec) -> dict[str, Any]:
     return summary
 
 
-def _notes(first_notes: str, per_seed: list[dict[str, Any]]) -> str:
-    """The first seed's stage-2 notes (which end with its schedule), then every seed's stage-1
-    schedule and any stage-2 schedule that differs from the first seed's."""
+def _notes(first_notes: str, per_seed: list[dict[str, Any]],
+           parts: Sequence[tuple[str, Callable[[dict[str, Any]], str | None], bool]]) -> str:
+    """The first seed's notes (which end with its schedule), then, per seed and per ``(label,
+    schedule getter, always)`` part, that schedule: always, or only where it differs from the
+    first seed's."""
     extra = []
-    first = per_seed[0]["schedule"]["finetune"]
     for e in per_seed:
-        if e["schedule"]["pretrain"]:
-            extra.append(f"seed {e['seed']} stage 1 {e['schedule']['pretrain']}")
-        if e is not per_seed[0] and e["schedule"]["finetune"] and e["schedule"]["finetune"] != first:
-            extra.append(f"seed {e['seed']} stage 2 {e['schedule']['finetune']}")
+        for label, get, always in parts:
+            sched = get(e)
+            if sched and (always or (e is not per_seed[0] and sched != get(per_seed[0]))):
+                extra.append(f"seed {e['seed']} {label}{sched}")
     return "; ".join(n for n in (first_notes, *extra) if n)
+
+
+#: Two-stage summaries: every seed's stage-1 schedule, and stage-2 schedules unlike the first seed's.
+TWO_STAGE_NOTES = (("stage 1 ", lambda e: e["schedule"]["pretrain"], True),
+                   ("stage 2 ", lambda e: e["schedule"]["finetune"], False))
 
 
 def summarize_single(spec) -> dict[str, Any]:
@@ -205,9 +212,7 @@ def summarize_single(spec) -> dict[str, Any]:
         "seeds": seeds, "seeds_requested": list(spec.seeds), "metrics": metrics, "per_seed": per_seed,
         "wall_time_s": round(sum(float(e["wall_time_s"] or 0) for e in per_seed), 1),
         "hardware": first["hardware"], "command": spec.command, "model": first["model_name"],
-        "notes": "; ".join(n for n in [first["notes"], *(f"seed {e['seed']} {e['schedule']}" for e in per_seed[1:]
-                                                        if e["schedule"] and e["schedule"] != first["schedule"])]
-                           if n),
+        "notes": _notes(first["notes"], per_seed, (("", lambda e: e["schedule"], False),)),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     write_results(spec.out / "summary.json", summary)

@@ -4,7 +4,7 @@ are frozen; only RAM learns to combine h with K memories retrieved from the memo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from raserec.checkpoint import RECORD_KEY, encoder_record, trust_encoder_module
 from raserec.data.batch import SequenceBatch
-from raserec.errors import CheckpointError, check_optimizer
+from raserec.errors import CheckpointError
 from raserec.evaluation.module import RecommenderModule
 from raserec.finetune.frozen import FrozenEncoderMixin, load_frozen_encoder
 from raserec.memory.callback import MemoryBankCallback
@@ -43,14 +43,12 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         ram: the RAM (alpha, beta, block); see :class:`RAMConfig`.
         trusted_encoder_modules: module prefixes (e.g. ``mypkg.encoders.``) whose classes an encoder
             record may name, beside raserec's own encoders (records naming anything else are refused).
-        lr: Adam learning rate (RAM parameters only).
-        weight_decay: Adam weight decay.
         allow_other_data: use the encoder even with data other than it was pre-trained on (same
             item count, different content hash); refused by default, since item ids would
             silently mean other items.
-        metric_ks: cut-offs of HR@K and NDCG@K.
-        mask_history: exclude already-seen items from the ranking.
-        predict_top_n: items per user written by ``raserec predict``.
+        kwargs: the optimiser and evaluation settings every module shares (``lr``, which here
+            trains the RAM parameters only, ``weight_decay``, ``metric_ks``, ``mask_history``,
+            ``predict_top_n``); see :class:`~raserec.evaluation.module.RecommenderModule`.
     """
 
     def __init__(
@@ -61,15 +59,10 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         bank: BankConfig = BankConfig(),
         ram: RAMConfig = RAMConfig(),
         trusted_encoder_modules: Sequence[str] = (),
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         allow_other_data: bool = False,
-        metric_ks: Sequence[int] = (5, 10, 20, 50),
-        mask_history: bool = False,
-        predict_top_n: int = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
-        check_optimizer(lr, weight_decay)
+        super().__init__(**kwargs)  # lr (RAM parameters only), weight_decay, evaluation settings
         bank, ram = BankConfig.of(bank), RAMConfig.of(ram)
         self.save_hyperparameters()
         # Plain dicts in the checkpoint (weights_only loading); load_from_checkpoint passes them back.
@@ -79,8 +72,6 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         self.encoder, self.encoder_data = load_frozen_encoder(encoder_checkpoint, num_items)
         self.ram = RetrievalAugmentedModule.from_config(self.encoder.hidden_size, ram)
         self.retriever = MemoryRetriever(self.encoder, bank, self.encoder.item_embedding)
-        self.lr = lr
-        self.weight_decay = weight_decay
         self._bank_callback: MemoryBankCallback | None = None
 
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -141,8 +132,8 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
             return None
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.ram.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def optimized_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.ram.parameters()  # the encoder and the item table stay frozen
 
     # ---------------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from raserec.checkpoint import RECORD_KEY, encoder_record
 from raserec.data.batch import PretrainBatch, SequenceBatch
-from raserec.errors import ConfigError, check, check_optimizer
+from raserec.errors import ConfigError, check
 from raserec.evaluation.module import RecommenderModule
 from raserec.models.encoders.base import SequenceEncoder
 from raserec.models.encoders.sasrec import SASRec
@@ -61,11 +61,9 @@ class PretrainModule(RecommenderModule):
             ``class_path: raserec.pretrain.objectives.SameTargetInfoNCE``); given, they replace
             the ones ``positive_pair``, ``objective``, ``lambda_ret``, ``temperature`` and
             ``similarity`` describe. A new objective is a new class.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        metric_ks: cut-offs of HR@K and NDCG@K.
-        mask_history: exclude already-seen items from the ranking.
-        predict_top_n: items per user written by ``raserec predict``.
+        kwargs: the optimiser and evaluation settings every module shares (``lr``,
+            ``weight_decay``, ``metric_ks``, ``mask_history``, ``predict_top_n``); see
+            :class:`~raserec.evaluation.module.RecommenderModule`.
     """
 
     def __init__(
@@ -78,14 +76,9 @@ class PretrainModule(RecommenderModule):
         temperature: float = 1.0,
         similarity: Literal["dot", "cos"] = "dot",
         objectives: list[Objective] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        metric_ks: Sequence[int] = (5, 10, 20, 50),
-        mask_history: bool = False,
-        predict_top_n: int = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(metric_ks=metric_ks, mask_history=mask_history, predict_top_n=predict_top_n)
-        check_optimizer(lr, weight_decay)
+        super().__init__(**kwargs)
         check(lambda_ret >= 0, f"lambda_ret must be >= 0, got {lambda_ret}")
         if positive_pair not in ("none", "same_target", "dropout_and_same_target"):
             raise ConfigError(f"unknown positive_pair {positive_pair!r}")
@@ -111,8 +104,6 @@ class PretrainModule(RecommenderModule):
         # the module; the encoder record holds only the encoder.
         built = {o.name: o.build(self.encoder) for o in objectives}
         self.objective_modules = torch.nn.ModuleDict({k: m for k, m in built.items() if m is not None})
-        self.lr = lr
-        self.weight_decay = weight_decay
 
     @property
     def uses_positives(self) -> bool:
@@ -152,9 +143,6 @@ class PretrainModule(RecommenderModule):
             logged.update({f"train/{name}": value for name, value in terms.items()})
         self.log_dict(logged, prog_bar=True, batch_size=b)
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

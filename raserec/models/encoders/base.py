@@ -23,8 +23,17 @@ class SequenceEncoder(nn.Module, ABC):
     max_len: int
 
     def record_init_args(self, local_vars: dict[str, Any]) -> None:
-        params = inspect.signature(type(self).__init__).parameters
-        self.init_args = {k: local_vars[k] for k in params if k != "self"}
+        """Record the calling ``__init__``'s named parameters from its ``locals()``. A subclass
+        that forwards ``**kwargs`` to its parent's ``__init__`` calls this after ``super().__init__``:
+        its own arguments are added to those the parent recorded."""
+        frame = inspect.currentframe()
+        code = frame.f_back.f_code if frame is not None and frame.f_back is not None else None
+        if code is None:  # no frame introspection (not CPython): fall back to the class signature
+            names = [k for k in inspect.signature(type(self).__init__).parameters if k in local_vars]
+        else:
+            names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        own = {k: local_vars[k] for k in names if k != "self"}
+        self.init_args = {**getattr(self, "init_args", {}), **own}
 
     @property
     def class_path(self) -> str:

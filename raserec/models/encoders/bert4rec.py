@@ -12,77 +12,46 @@ a separate learnable vector, so it can never be recommended.
 
 from __future__ import annotations
 
-from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raserec.errors import ConfigError
-from raserec.models.encoders.base import SequenceEncoder
-from raserec.models.layers import FastDropout, SelfAttentionBlock, init_weights
+from raserec.models.encoders.transformer import TransformerEncoder
 
 
-class BERT4Rec(SequenceEncoder):
+class BERT4Rec(TransformerEncoder):
     """Bidirectional self-attention encoder with a masked-item (cloze) objective.
+
+    The Transformer arguments (``hidden_size``, ``max_len``, ``num_layers``, ...) are
+    :class:`~raserec.models.encoders.transformer.TransformerEncoder`'s; for next-item use the
+    appended [mask] takes one of the ``max_len`` slots, so a full ``max_len`` history loses its
+    oldest item.
 
     Args:
         num_items: number of real items (the table has ``num_items + 1`` rows; row 0 = padding).
-        hidden_size: embedding and hidden size d.
-        max_len: maximum Transformer input length (learnable positions). For next-item use the
-            appended [mask] takes one slot, so a full ``max_len`` history loses its oldest item.
-        num_layers: Transformer blocks.
-        num_heads: attention heads per block.
-        inner_size: feed-forward inner size.
-        dropout: dropout on the input embeddings and hidden states.
-        attn_dropout: dropout on the attention probabilities.
         mask_ratio: probability that each real item is masked by :meth:`cloze_loss`.
         ft_ratio: fraction of sequences in which :meth:`cloze_loss` masks only the most recent
             item (BERT4Rec's next-item-like samples; RecBole's ``ft_ratio``).
-        layer_norm_eps: LayerNorm epsilon.
-        init_std: standard deviation of the normal initialisation.
+        kwargs: the Transformer arguments.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        hidden_size: int = 64,
-        max_len: int = 50,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        inner_size: int = 256,
-        dropout: float = 0.5,
-        attn_dropout: float = 0.5,
-        mask_ratio: float = 0.2,
-        ft_ratio: float = 0.0,
-        layer_norm_eps: float = 1e-12,
-        init_std: float = 0.02,
-    ) -> None:
-        super().__init__()
-        self.record_init_args(locals())
-        if num_layers < 1:
-            raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
-        if max_len < 2:
-            raise ConfigError(f"max_len must be >= 2 (one history item + [mask]), got {max_len}")
+    def __init__(self, num_items: int, mask_ratio: float = 0.2, ft_ratio: float = 0.0, **kwargs: Any) -> None:
         if not 0.0 < mask_ratio <= 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
         if not 0.0 <= ft_ratio <= 1.0:
             raise ConfigError(f"ft_ratio must be in [0, 1], got {ft_ratio}")
-        self.hidden_size = hidden_size
-        self.max_len = max_len
+        super().__init__(num_items, **kwargs)
+        self.record_init_args(locals())
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be >= 2 (one history item + [mask]), got {self.max_len}")
         self.mask_ratio = mask_ratio
         self.ft_ratio = ft_ratio
-        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
-        self.mask_token = nn.Parameter(torch.empty(hidden_size))
-        self.position_embedding = nn.Embedding(max_len, hidden_size)
-        self.input_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.input_dropout = FastDropout(dropout)
-        self.blocks = nn.ModuleList(
-            SelfAttentionBlock(hidden_size, num_heads, inner_size, dropout, attn_dropout, layer_norm_eps)
-            for _ in range(num_layers)
-        )
-        self.apply(partial(init_weights, std=init_std))
-        nn.init.normal_(self.mask_token, 0.0, init_std)
+        # Created after the trunk's initialisation pass (which draws its own numbers first).
+        self.mask_token = nn.Parameter(torch.empty(self.hidden_size))
+        nn.init.normal_(self.mask_token, 0.0, self.init_std)
 
     def hidden_states(self, input_ids: Tensor, masked: Tensor | None = None,
                       item_embeddings: Tensor | None = None) -> Tensor:
@@ -91,16 +60,11 @@ class BERT4Rec(SequenceEncoder):
         ``masked`` (bool ``[B, T]``) marks positions whose input is the [mask] token; their ids
         must be non-zero (any real id: it is not read). ``item_embeddings`` optionally replaces
         the table lookup of ``input_ids``."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        t = input_ids.size(1)
-        if t > self.max_len:
-            raise ValueError(f"input length {t} exceeds max_len {self.max_len}")
+        positions = self.positions(input_ids)
         emb = self.item_embedding(input_ids) if item_embeddings is None else item_embeddings
         if masked is not None:
             emb = torch.where(masked.unsqueeze(-1), self.mask_token.to(emb.dtype), emb)
-        positions = torch.arange(self.max_len - t, self.max_len, device=input_ids.device)
-        x = self.input_dropout(self.input_norm(emb + self.position_embedding(positions)))
+        x = self.embed(emb, positions)
         # Bidirectional: every position attends to every real position; only padding keys are masked.
         mask = (input_ids > 0)[:, None, None, :]  # [B, 1, 1, T]
         for block in self.blocks:
@@ -110,10 +74,7 @@ class BERT4Rec(SequenceEncoder):
     def forward(self, input_ids: Tensor, item_embeddings: Tensor | None = None) -> Tensor:
         """User representation ``[B, d]``: the hidden state of a [mask] appended after the most
         recent item. ``item_embeddings`` (``[B, T, d]``) optionally replaces the table lookup."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if input_ids.size(1) > self.max_len:
-            raise ValueError(f"input length {input_ids.size(1)} exceeds max_len {self.max_len}")
+        self.positions(input_ids)  # checks the shape and length
         b = input_ids.size(0)
         # Columns that are padding in every row change nothing (keys masked, positions by recency):
         # drop them; then keep max_len - 1 history slots so [mask] fits (drops the oldest item).
