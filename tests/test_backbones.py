@@ -90,6 +90,26 @@ def test_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.eval()(ids), model(ids), atol=0.0, rtol=0.0)
 
 
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_an_encoder_record_names_every_constructor_argument(name: str) -> None:
+    """BERT4Rec forwards the Transformer arguments as **kwargs: its record must still hold all of
+    them, defaults included, so a record rebuilds the same model if a default changes later."""
+    import inspect
+
+    model = BACKBONES[name](num_layers=1)
+    wanted = set()
+    for cls in type(model).__mro__:
+        if "__init__" in vars(cls) and issubclass(cls, torch.nn.Module) and cls.__module__.startswith("raserec"):
+            wanted |= {k for k, p in inspect.signature(cls.__init__).parameters.items()
+                       if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    assert set(model.init_args) == wanted
+    assert model.init_args["num_layers"] == 1 and "kwargs" not in model.init_args
+    if name == "bert4rec":
+        assert {"mask_ratio", "ft_ratio", "hidden_size", "layer_norm_eps"} <= wanted
+        assert next(iter(model.state_dict())) == "mask_token"  # the order of earlier records and optimiser states
+
+
 # ----------------------------------------------------------------------------- GRU4Rec
 def test_gru4rec_is_causal_and_depends_only_on_the_sequence() -> None:
     model = _gru()
