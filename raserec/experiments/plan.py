@@ -49,6 +49,10 @@ PLAN: tuple[Planned, ...] = (
     Planned("sports_sracl", "--pretrain configs/sports_sracl.yaml"),
     Planned("beauty_ada", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_beauty.yaml "
             "--stage1-from beauty_raserec", (2024,)),
+    # RaSeRec + Ada-Retrieval (issue 10, item 6): a fresh RAM over memories of the same frozen encoder in every
+    # round. Named apart from results/beauty_ada_raserec.json, the earlier 1-epoch smoke test.
+    Planned("beauty_raserec_ada", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_raserec_beauty.yaml "
+            "--stage1-from beauty_raserec", (2024,)),
 )
 
 
