@@ -54,6 +54,10 @@ def weights_sha256(state_dict: dict[str, Any]) -> str:
 
 def encoder_record(encoder: SequenceEncoder, data_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to rebuild ``encoder`` without its training code."""
+    missing = encoder.unrecorded_init_args()
+    if missing:
+        raise CheckpointError(f"{encoder.class_path} did not record its constructor argument(s) {missing}: call "
+                              "self.record_init_args(locals()) in its __init__")
     state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     return {
         "format_version": FORMAT_VERSION,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from raserec.checkpoint import load_encoder, save_encoder
+from raserec.errors import CheckpointError
 from raserec.finetune.module import RAFTModule
 from raserec.models.encoders import BERT4Rec, GRU4Rec, SASRec, SequenceEncoder
 from raserec.pretrain.module import PretrainModule
@@ -95,8 +96,6 @@ def test_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
 def test_an_encoder_record_names_every_constructor_argument(name: str) -> None:
     """BERT4Rec forwards the Transformer arguments as **kwargs: its record must still hold all of
     them, defaults included, so a record rebuilds the same model if a default changes later."""
-    import inspect
-
     model = BACKBONES[name](num_layers=1)
     wanted = set()
     for cls in type(model).__mro__:
@@ -108,6 +107,47 @@ def test_an_encoder_record_names_every_constructor_argument(name: str) -> None:
     if name == "bert4rec":
         assert {"mask_ratio", "ft_ratio", "hidden_size", "layer_norm_eps"} <= wanted
         assert next(iter(model.state_dict())) == "mask_token"  # the order of earlier records and optimiser states
+
+
+
+class _SmallSASRec(SASRec):
+    """A third-party encoder with a narrower signature than the trunk it builds on."""
+
+    def __init__(self, num_items: int, hidden_size: int = 8) -> None:
+        super().__init__(num_items, hidden_size=hidden_size, max_len=6, inner_size=16)
+
+
+class _ForgetfulSASRec(SASRec):
+    """Adds an argument but never records it."""
+
+    def __init__(self, num_items: int, extra: int = 3, **kwargs) -> None:
+        super().__init__(num_items, **kwargs)
+
+
+def test_subclass_records_rebuild_or_refuse_to_save(tmp_path: Path) -> None:
+    small = _SmallSASRec(N_ITEMS, hidden_size=12)
+    assert small.init_args == {"num_items": N_ITEMS, "hidden_size": 12}  # what its own __init__ accepts
+    rebuilt = type(small)(**small.init_args)
+    assert rebuilt.max_len == 6 and rebuilt.hidden_size == 12
+    forgetful = _ForgetfulSASRec(N_ITEMS, extra=5, hidden_size=8)
+    assert forgetful.unrecorded_init_args() == ["extra"]
+    with pytest.raises(CheckpointError, match=r"did not record its constructor argument\(s\) \['extra'\]"):
+        save_encoder(forgetful, tmp_path / "f.pt")
+    assert not (tmp_path / "f.pt").exists()
+
+
+def test_modules_checkpoint_every_shared_setting_even_when_left_at_default(tmp_path: Path) -> None:
+    """Pre-training and RAFT forward lr, weight_decay and the evaluation settings as **kwargs;
+    their hparams (what load_from_checkpoint rebuilds from) must still hold all five."""
+    shared = {"lr": 1e-3, "weight_decay": 0.0, "metric_ks": (5, 10, 20, 50), "mask_history": False,
+              "predict_top_n": 10}
+    pre = PretrainModule(N_ITEMS, lambda n: SASRec(n, hidden_size=8, max_len=6, inner_size=16))
+    assert {k: pre.hparams[k] for k in shared} == shared
+    path = save_encoder(SASRec(N_ITEMS, hidden_size=8, max_len=6, inner_size=16), tmp_path / "e.pt",
+                        {"num_items": N_ITEMS})
+    raft = RAFTModule(N_ITEMS, encoder_checkpoint=str(path), lr=0.01)
+    assert {k: raft.hparams[k] for k in shared} == {**shared, "lr": 0.01}
+    assert raft.configure_optimizers().param_groups[0]["params"] == list(raft.ram.parameters())
 
 
 # ----------------------------------------------------------------------------- GRU4Rec

@@ -84,10 +84,18 @@ class RecommenderModule(L.LightningModule):
         check_optimizer(lr, weight_decay)
         self.lr = lr
         self.weight_decay = weight_decay
+        self._shared_settings = {"lr": lr, "weight_decay": weight_decay, "metric_ks": metric_ks,
+                                 "mask_history": mask_history, "predict_top_n": predict_top_n}
         self.mask_history = mask_history
         self.predict_top_n = predict_top_n
         self.val_metrics = RankingMetrics(metric_ks)
         self.test_metrics = RankingMetrics(metric_ks)
+
+    def save_shared_hyperparameters(self) -> None:
+        """Put the shared settings into ``hparams`` (call after ``save_hyperparameters``). A module
+        that forwards them as ``**kwargs`` gets from Lightning only those its caller passed; the
+        checkpoint must hold all of them, so it rebuilds the same module if a default changes."""
+        self.hparams.update(self._shared_settings)
 
     def optimized_parameters(self) -> Iterable[torch.nn.Parameter]:
         """What the optimiser trains (all parameters unless a module freezes a part); the order

@@ -65,6 +65,7 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         super().__init__(**kwargs)  # lr (RAM parameters only), weight_decay, evaluation settings
         bank, ram = BankConfig.of(bank), RAMConfig.of(ram)
         self.save_hyperparameters()
+        self.save_shared_hyperparameters()
         # Plain dicts in the checkpoint (weights_only loading); load_from_checkpoint passes them back.
         self.hparams["bank"], self.hparams["ram"] = bank.as_dict(), ram.as_dict()
         for prefix in trusted_encoder_modules:

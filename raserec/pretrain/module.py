@@ -93,6 +93,7 @@ class PretrainModule(RecommenderModule):
         if len(set(names)) != len(names):
             raise ConfigError(f"objectives: two terms share a log name ({names})")
         self.save_hyperparameters(ignore=["encoder"])
+        self.save_shared_hyperparameters()
         self.hparams["objectives"] = [o.record() for o in objectives]  # plain data in the checkpoint
         self.encoder = encoder(num_items)
         for o in objectives:

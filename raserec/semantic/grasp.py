@@ -59,7 +59,7 @@ class GRASPModule(PretrainModule):
         hae: the HAE switches (:class:`~raserec.models.hae.HAEConfig`).
         similar_users: N, the similar users pooled into ``s~_u`` (paper: 10).
         lr: Adam learning rate (the optimiser, metrics and prediction settings are
-            :class:`~raserec.pretrain.module.PretrainModule`'s).
+            :class:`~raserec.evaluation.module.RecommenderModule`'s).
     """
 
     def __init__(

@@ -38,7 +38,7 @@ class BERT4Rec(TransformerEncoder):
         kwargs: the Transformer arguments.
     """
 
-    def __init__(self, num_items: int, mask_ratio: float = 0.2, ft_ratio: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, num_items: int, *, mask_ratio: float = 0.2, ft_ratio: float = 0.0, **kwargs: Any) -> None:
         if not 0.0 < mask_ratio <= 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
         if not 0.0 <= ft_ratio <= 1.0:
