@@ -31,7 +31,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import polars as pl
@@ -164,12 +164,8 @@ def prepare_dataset(
         raise DataError(f"{source}: no such file")
     if source.is_dir():
         raise DataError(f"{source}: is a directory, expected a raw interaction file")
-    fmt_resolved = detect_format(source, fmt)
-    params = {
-        "k_core": effective_k_core(fmt_resolved, k_core),
-        "min_length": min_length,
-        "format": fmt_resolved,
-    }
+    params = build_params(source, fmt=fmt, k_core=k_core, min_length=min_length)
+    fmt_resolved = params["format"]
     source_sha = file_sha256(source)
     if out_dir.exists():
         _check_replaceable(out_dir, source_sha, params, overwrite)
@@ -366,26 +362,29 @@ def load_prepared(path: str | Path, verify: bool = True) -> SequenceData:
     return data
 
 
-def cache_entry(
-    source: str | Path,
-    cache_dir: str | Path,
-    fmt: str = "auto",
-    k_core: int | None = None,
-    min_length: int = 3,
-) -> Path:
+class BuildOptions(TypedDict, total=False):
+    """How a raw file becomes sequences (the keyword arguments of :func:`build_params`)."""
+
+    fmt: str
+    k_core: int | None
+    min_length: int
+
+
+def build_params(source: Path, fmt: str = "auto", k_core: int | None = None, min_length: int = 3) -> dict[str, Any]:
+    """The effective build parameters (format detected, the format's default k-core applied): what
+    a manifest records and a cache entry is keyed on."""
+    fmt_resolved = detect_format(source, fmt)
+    return {"k_core": effective_k_core(fmt_resolved, k_core), "min_length": min_length, "format": fmt_resolved}
+
+
+def cache_entry(source: str | Path, cache_dir: str | Path, **options: Unpack[BuildOptions]) -> Path:
     """The cache directory for ``source`` and these parameters.
 
     Keyed on the source *bytes* and the effective parameters, never on the path alone: an
     edited file or a different k-core gets a fresh entry instead of a stale one.
     """
     source = Path(source)
-    fmt = detect_format(source, fmt)
-    params = {
-        "format_version": FORMAT_VERSION,
-        "format": fmt,
-        "k_core": effective_k_core(fmt, k_core),
-        "min_length": min_length,
-    }
+    params = {"format_version": FORMAT_VERSION, **build_params(source, **options)}
     h = hashlib.sha256()
     h.update(file_sha256(source).encode())
     h.update(json.dumps(params, sort_keys=True).encode())
@@ -409,7 +408,7 @@ def load_dataset(
     if cache_dir is None:
         data, _ = _build(path, fmt, k_core, min_length)
         return data
-    entry = cache_entry(path, cache_dir, fmt, k_core, min_length)
+    entry = cache_entry(path, cache_dir, fmt=fmt, k_core=k_core, min_length=min_length)
     if not is_prepared(entry):
         prepare_dataset(path, entry, fmt=fmt, k_core=k_core, min_length=min_length, overwrite=True)
     else:
