@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -570,3 +571,26 @@ def test_authors_overlay_sets_their_protocol(capsys: pytest.CaptureFixture[str])
     assert exit_info.value.code in (0, None)
     merged = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert {k: merged[k] for k in cfg} == cfg and merged["round_decay"] == 0.3
+
+
+def test_ram_training_queries_reuse_the_bank_and_retrieve_the_same_memories(data_and_ckpt) -> None:
+    """While training, a query's h is its bank payload and its memories were found once per bank
+    build: the same h and memories as encoding and searching per step (RAFT's rule, shared)."""
+    data, ckpt = data_and_ckpt
+    module = _module(ckpt, rounds=3, total_k=30, metric_ks=(10, 20), bank={"k": 5, "index": "flat"},
+                     ram={"alpha": 0.5})
+    dm = synthetic_dm(data, batch_size=64, eval_batch_size=128)
+    _trainer(limit_train_batches=1, limit_val_batches=1).fit(module, datamodule=dm)  # builds the fit bank
+    batch = next(iter(dm.train_dataloader()))
+    retriever = module.retriever
+    h, rows = retriever.queries(batch, training=True, device="cpu")
+    assert rows is not None and np.array_equal(rows, batch["index"].numpy())
+    searched_h = retriever.encode(batch["input_ids"])
+    torch.testing.assert_close(h, searched_h, atol=1e-5, rtol=1e-5)
+    pre = retriever.memories(h, batch["user"], batch["end"], bank_rows=rows)
+    per_step = retriever.memories(searched_h, batch["user"], batch["end"])
+    assert torch.equal(pre[2], per_step[2]) and bool(pre[2].any())
+    for a, b in zip(pre[:2], per_step[:2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    h_eval, rows_eval = retriever.queries(batch, training=False, device="cpu")
+    assert rows_eval is None and torch.equal(h_eval, searched_h)

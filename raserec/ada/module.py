@@ -193,11 +193,13 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         return [self._bank_callback]
 
     def _augmenter(self, batch: SequenceBatch):
-        """RAM with this batch's K memories (retrieved once, shared by all rounds), or ``None``."""
+        """RAM with this batch's K memories (retrieved once, shared by all rounds), or ``None``.
+        Training queries reuse the bank's stored h and precomputed memories (as RAFT's)."""
         if self.retriever is None:
             return None
-        h = self.retriever.encode(batch["input_ids"])
-        h_k, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"], input_ids=batch["input_ids"])
+        h, rows = self.retriever.queries(batch, self.training, self.device)
+        h_k, v_k, mask = self.retriever.memories(h, batch["user"], batch["end"], bank_rows=rows,
+                                                 input_ids=batch["input_ids"])
         return lambda u: self.ram(u, h_k, v_k, mask)
 
     # ---------------------------------------------------------------- forward

@@ -89,13 +89,6 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         return [self._bank_callback]
 
     # ---------------------------------------------------------------- forward
-    def _training_rows(self, batch: SequenceBatch) -> np.ndarray | None:
-        """While training with ``bank.reuse_h``: the bank rows of the batch's pairs (the fit bank
-        holds the training pairs in dataset order), else ``None``."""
-        if not (self.training and self.retriever.config.reuse_h):
-            return None
-        return self.retriever.bank_rows(batch)
-
     def augment(self, h: Tensor, user: Tensor, end: Tensor, bank_rows: np.ndarray | None = None,
                 input_ids: Tensor | None = None) -> Tensor:
         """h~: retrieve K memories for each query (no leakage) and combine them with RAM.
@@ -116,9 +109,7 @@ class RAFTModule(FrozenEncoderMixin, RecommenderModule):
         return trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
 
     def user_representation(self, batch: SequenceBatch) -> Tensor:
-        rows = self._training_rows(batch)
-        h = self.retriever.stored_h(rows, self.device) if rows is not None else self.retriever.encode(
-            batch["input_ids"])
+        h, rows = self.retriever.queries(batch, self.training, self.device)
         return self.augment(h, batch["user"], batch["end"], bank_rows=rows, input_ids=batch["input_ids"])
 
     def item_weights(self) -> Tensor:

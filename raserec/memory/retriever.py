@@ -200,6 +200,15 @@ class MemoryRetriever:
             return None
         return rows
 
+    def queries(self, batch: SequenceBatch, training: bool, device: torch.device | str) -> tuple[Tensor, np.ndarray | None]:
+        """Each query's h and, while training with ``reuse_h``, its bank rows. The key encoder is
+        frozen and the fit bank holds the training pairs, so a training query's h is its stored
+        payload and its memories were found once per bank build (:meth:`neighbours` with
+        ``bank_rows``): no encoder pass and no search per step. Otherwise ``(encode(...), None)``."""
+        rows = self.bank_rows(batch) if training and self.config.reuse_h else None
+        h = self.stored_h(rows, device) if rows is not None else self.encode(batch["input_ids"])
+        return h, rows
+
     def stored_h(self, rows: np.ndarray, device: torch.device | str) -> Tensor:
         """The h the bank stores for its entries ``rows`` (what the key encoder gives them)."""
         return torch.from_numpy(self.require_bank().h[rows]).to(device)
