@@ -91,7 +91,6 @@ def test_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.eval()(ids), model(ids), atol=0.0, rtol=0.0)
 
 
-
 @pytest.mark.parametrize("name", BACKBONES)
 def test_an_encoder_record_names_every_constructor_argument(name: str) -> None:
     """BERT4Rec forwards the Transformer arguments as **kwargs: its record must still hold all of
@@ -107,7 +106,6 @@ def test_an_encoder_record_names_every_constructor_argument(name: str) -> None:
     if name == "bert4rec":
         assert {"mask_ratio", "ft_ratio", "hidden_size", "layer_norm_eps"} <= wanted
         assert next(iter(model.state_dict())) == "mask_token"  # the order of earlier records and optimiser states
-
 
 
 class _SmallSASRec(SASRec):

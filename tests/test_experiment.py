@@ -287,7 +287,7 @@ def test_reproduction_queue_reads_done_and_carried_seeds(tmp_path):
 
 
 def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():
-    from raserec.experiments.summary import TWO_STAGE_NOTES, _notes
+    from raserec.experiments.summary import ONE_STAGE_NOTES, TWO_STAGE_NOTES, _notes
 
     conv, cap = "converged: early stopping", "capped at max_epochs 3: not converged"
     two = [{"seed": 1, "schedule": {"pretrain": conv, "finetune": conv}},
@@ -297,4 +297,4 @@ def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():
         f"first; seed 1 stage 1 {conv}; seed 2 stage 1 {cap}; seed 3 stage 1 {conv}; seed 3 stage 2 {cap}")
     one = [{"seed": 1, "schedule": conv}, {"seed": 2, "schedule": conv}, {"seed": 3, "schedule": cap},
            {"seed": 4, "schedule": None}]
-    assert _notes("", one, (("", lambda e: e["schedule"], False),)) == f"seed 3 {cap}"
+    assert _notes("", one, ONE_STAGE_NOTES) == f"seed 3 {cap}"

@@ -187,6 +187,8 @@ def _notes(first_notes: str, per_seed: list[dict[str, Any]],
 #: Two-stage summaries: every seed's stage-1 schedule, and stage-2 schedules unlike the first seed's.
 TWO_STAGE_NOTES = (("stage 1 ", lambda e: e["schedule"]["pretrain"], True),
                    ("stage 2 ", lambda e: e["schedule"]["finetune"], False))
+#: One-stage summaries: the schedules unlike the first seed's.
+ONE_STAGE_NOTES = (("", lambda e: e["schedule"], False),)
 
 
 def summarize_single(spec) -> dict[str, Any]:
@@ -212,7 +214,7 @@ def summarize_single(spec) -> dict[str, Any]:
         "seeds": seeds, "seeds_requested": list(spec.seeds), "metrics": metrics, "per_seed": per_seed,
         "wall_time_s": round(sum(float(e["wall_time_s"] or 0) for e in per_seed), 1),
         "hardware": first["hardware"], "command": spec.command, "model": first["model_name"],
-        "notes": _notes(first["notes"], per_seed, (("", lambda e: e["schedule"], False),)),
+        "notes": _notes(first["notes"], per_seed, ONE_STAGE_NOTES),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     write_results(spec.out / "summary.json", summary)
