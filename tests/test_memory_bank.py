@@ -17,7 +17,7 @@ from raserec.checkpoint import load_encoder, save_encoder
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData
 from raserec.errors import CheckpointError
-from raserec.memory.bank import IndexConfig, MemoryBank, encode_pairs
+from raserec.memory.bank import IndexConfig, MemoryBank, encode_pairs, length_batches
 from raserec.models.encoders import SASRec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +341,21 @@ def test_build_restores_encoder_mode_and_sorting_keeps_rows() -> None:
     with torch.no_grad():
         direct = encoder.eval()(ds.prefixes(torch.arange(len(ds)))).numpy()
     np.testing.assert_allclose(h, direct, atol=1e-5)  # row i is pair i despite the length sort
+
+
+def test_length_batches_cover_every_row_once_in_one_length_batches() -> None:
+    lengths = np.random.default_rng(0).integers(1, 51, 5_000)
+    order, batches = length_batches(lengths, batch_size=300, token_budget=1_000)
+    seen = np.concatenate([order[b] for b in batches])
+    assert sorted(seen.tolist()) == list(range(5_000))
+    for b in batches:
+        batch_lengths = lengths[order[b]]
+        assert len(set(batch_lengths.tolist())) == 1  # one length: no padding in the batch
+        n = len(batch_lengths)
+        assert 1 <= n <= 300 and (n * batch_lengths[0] <= 1_000 or n == 1)
+    # a budget below one prefix still makes progress, one row at a time
+    order, batches = length_batches(np.array([50, 50, 3]), batch_size=8, token_budget=10)
+    assert [order[b].tolist() for b in batches] == [[2], [0], [1]]
 
 
 def test_add_extends_the_bank_without_retraining() -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raserec.models.encoders import SASRec
-from raserec.models.layers import FastDropout
+from raserec.models.layers import FastDropout, PackedLayout
 from raserec.models.losses import info_nce, next_item_loss
 
 
@@ -27,6 +27,39 @@ def test_packed_forward_equals_dense() -> None:
         model = SASRec(50, hidden_size=16, max_len=12, num_layers=layers, inner_size=32).eval()
         ids = _ids()
         assert torch.allclose(model(ids), model.dense_forward(ids), atol=1e-5)
+
+
+def _lengths_ids(lengths: list[int], t: int = 12, n: int = 50) -> torch.Tensor:
+    ids = torch.randint(1, n + 1, (len(lengths), t), generator=torch.Generator().manual_seed(1))
+    ids[torch.arange(t)[None, :] < (t - torch.tensor(lengths))[:, None]] = 0
+    return ids
+
+
+def test_full_buckets_skip_the_grid_and_equal_dense() -> None:
+    # A bucket whose sequences all fill its width needs no padded grid or mask (causality only);
+    # a batch of one length (how the memory bank encodes) is the packed tensor itself.
+    uniform = _lengths_ids([5] * 6)
+    mixed = _lengths_ids([1, 1, 4, 4, 3, 7, 7, 12])  # buckets of widths 1, 4 (3 is padded), 7, 12
+    layout = PackedLayout.build(uniform)
+    assert layout.identity and layout.buckets[0].full
+    fulls = {b.width: b.full for b in PackedLayout.build(mixed).buckets}
+    assert fulls == {1: True, 4: False, 7: True, 12: True}
+    assert not PackedLayout.build(mixed).identity
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32, dropout=0.0, attn_dropout=1e-12)
+    for ids in (uniform, mixed):
+        target = torch.randint(1, 51, (len(ids),))
+        outs = []
+        for train in (True, False):
+            model.train(train)
+            model.zero_grad()
+            out = model(ids)
+            next_item_loss(out, model.item_weights(), target).backward()
+            outs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        (a, ga), (b, gb) = outs
+        assert torch.allclose(a, model.dense_forward(ids).detach(), atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5)
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
 
 
 def test_output_ignores_padding_and_future() -> None:

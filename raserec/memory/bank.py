@@ -13,6 +13,8 @@ is built, the RAFT module only calls :meth:`MemoryBank.search` and :meth:`Memory
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import logging
 import math
@@ -157,6 +159,22 @@ def encoder_device(encoder: torch.nn.Module) -> torch.device:
     return next(encoder.parameters()).device
 
 
+def length_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> tuple[np.ndarray, list[slice]]:
+    """Rows ordered by length and the batches to encode them in: each batch holds prefixes of
+    one length only, at most ``batch_size`` of them and at most ``token_budget`` tokens (at
+    least one row). One length means no padding and no mask beyond causality, and a batch this
+    size keeps the feed-forward's ``[tokens, inner]`` activations in cache: on the 2-core CPU the
+    131k Beauty prefixes encode several times faster than in 2048-row batches of mixed lengths."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    bounds = np.r_[0, np.flatnonzero(np.diff(sorted_lengths)) + 1, len(order)]
+    batches = []
+    for lo, hi in itertools.pairwise(bounds.tolist()):
+        step = max(1, min(batch_size, token_budget // max(1, int(sorted_lengths[lo]))))
+        batches += [slice(s, min(s + step, hi)) for s in range(lo, hi, step)]
+    return order, batches
+
+
 @torch.no_grad()
 def encode_pairs(
     encoder: SequenceEncoder,
@@ -164,23 +182,23 @@ def encode_pairs(
     batch_size: int = 2048,
     device: torch.device | str | None = None,
     progress: bool = True,
+    token_budget: int = 4096,
 ) -> np.ndarray:
     """h of every pair's prefix, ``[P, d]`` float32, with the encoder in eval mode (restored after).
 
-    Pairs are encoded in order of prefix length: a batch of similar lengths carries little
-    padding, which the encoders drop, so this is several times faster than dataset order.
+    Prefixes are encoded in batches of one length (:func:`length_batches`): at most
+    ``batch_size`` prefixes and ``token_budget`` tokens per batch.
     """
     n = len(dataset)
     device = torch.device(device) if device is not None else encoder_device(encoder)
     out = torch.empty(n, encoder.hidden_size, dtype=torch.float32)
-    lengths = np.minimum(dataset.pairs.end, dataset.max_len)
-    order = torch.from_numpy(np.argsort(lengths, kind="stable"))
+    order, batches = length_batches(np.minimum(dataset.pairs.end, dataset.max_len), batch_size, token_budget)
+    order = torch.from_numpy(order)
     was_training = encoder.training
     encoder.eval()
     try:
-        for start in tqdm(range(0, n, batch_size), desc="memory bank: encoding", unit="batch",
-                          disable=not progress, leave=False):
-            rows = order[start:start + batch_size]
+        for batch in tqdm(batches, desc="memory bank: encoding", unit="batch", disable=not progress, leave=False):
+            rows = order[batch]
             out[rows] = encoder(dataset.prefixes(rows).to(device)).float().cpu()
     finally:
         encoder.train(was_training)

@@ -60,16 +60,21 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = FastDropout(dropout)
         self.attn_drop = FastDropout(attn_dropout)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+        """Attention of ``q`` over ``k``/``v``. ``mask`` (bool, True = may attend) or, when it is
+        ``None``, ``is_causal`` (a square causal pattern) or nothing (every key is real)."""
         if not self.training or self.attn_dropout == 0.0:
             # Rows whose keys are all masked (left padding) come out as zeros, never NaN.
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and is_causal)
         # Written out so the attention dropout is FastDropout's rand draw: on CPU, SDPA's
         # bernoulli_ mask costs more than the attention arithmetic. A finite fill keeps rows
         # whose keys are all padding finite (they are never read), so no NaN reaches backward.
         scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
-        attn = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min).softmax(-1)
-        return self.attn_drop(attn) @ v
+        if mask is None and is_causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        return self.attn_drop(scores.softmax(-1)) @ v
 
     def _post(self, residual: Tensor, ctx: Tensor) -> Tensor:
         x = self.norm1(residual + self.dropout(self.out(ctx)))
@@ -91,14 +96,26 @@ class SelfAttentionBlock(nn.Module):
         parts = []
         for bucket in layout.buckets:
             n, w = bucket.rows.numel(), bucket.width
-            grid = qkv.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, qkv.index_select(0, bucket.tokens))
+            if bucket.full:
+                # Every sequence fills the grid: no padding slots to zero, no mask beyond causality
+                # (a batch of one length, as the bank encodes, is the packed tensor itself).
+                grid = qkv if layout.identity else qkv.index_select(0, bucket.tokens)
+                mask = None
+            else:
+                grid = qkv.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, qkv.index_select(0, bucket.tokens))
+                mask = bucket.mask
             q, k, v = grid.view(n, w, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
             if last_only:
-                parts.append(self._attend(q[:, :, -1:], k, v, bucket.mask[:, :, -1:]).reshape(n, d))
+                # The last query sees every real key: no causal cut for a full bucket.
+                last_mask = None if mask is None else mask[:, :, -1:]
+                parts.append(self._attend(q[:, :, -1:], k, v, last_mask).reshape(n, d))
             else:
-                ctx = self._attend(q, k, v, bucket.mask).transpose(1, 2).reshape(n * w, d)
-                parts.append(ctx.index_select(0, bucket.grid_pos))
-        ctx = torch.cat(parts).index_select(0, layout.row_inverse if last_only else layout.token_inverse)
+                ctx = self._attend(q, k, v, mask, is_causal=True).transpose(1, 2).reshape(n * w, d)
+                parts.append(ctx if bucket.full else ctx.index_select(0, bucket.grid_pos))
+        if layout.identity:
+            ctx = parts[0]
+        else:
+            ctx = torch.cat(parts).index_select(0, layout.row_inverse if last_only else layout.token_inverse)
         residual = x.index_select(0, layout.last_token) if last_only else x
         return self._post(residual, ctx)
 
@@ -109,6 +126,7 @@ class _Bucket(NamedTuple):
     tokens: Tensor  # packed indices of their tokens, bucket-grid order
     grid_pos: Tensor  # position of each of those tokens in the flat [rows * width] grid
     mask: Tensor  # [rows, 1, width, width] causal + padding mask
+    full: bool  # every sequence of the bucket is exactly ``width`` long (no padding in its grid)
 
 
 class PackedLayout(NamedTuple):
@@ -118,6 +136,7 @@ class PackedLayout(NamedTuple):
     token_inverse: Tensor  # concatenated bucket tokens -> packed order
     row_inverse: Tensor  # concatenated bucket rows -> batch order
     last_token: Tensor  # packed index of each sequence's last token
+    identity: bool  # one full bucket holding every row: the packed tensor is the grid, in order
 
     @staticmethod
     def build(input_ids: Tensor) -> PackedLayout:
@@ -142,7 +161,7 @@ class PackedLayout(NamedTuple):
             grid_pos = (torch.arange(rows.numel(), device=input_ids.device).unsqueeze(1) * w + col)[valid]
             causal = torch.ones(w, w, dtype=torch.bool, device=input_ids.device).tril()
             mask = (causal & valid[:, None, :]).unsqueeze(1)
-            buckets.append(_Bucket(rows, w, tokens, grid_pos, mask))
+            buckets.append(_Bucket(rows, w, tokens, grid_pos, mask, bool((lens == w).all())))
             all_tokens.append(tokens)
             all_rows.append(rows)
         return PackedLayout(
@@ -150,4 +169,5 @@ class PackedLayout(NamedTuple):
             torch.argsort(torch.cat(all_tokens)),
             torch.argsort(torch.cat(all_rows)),
             ends - 1,
+            len(buckets) == 1 and buckets[0].full,
         )
