@@ -14,7 +14,6 @@ is built, the RAFT module only calls :meth:`MemoryBank.search` and :meth:`Memory
 from __future__ import annotations
 
 import itertools
-
 import json
 import logging
 import math
