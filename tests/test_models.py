@@ -119,6 +119,29 @@ def test_next_item_loss_excludes_padding() -> None:
     assert torch.allclose(next_item_loss(h, table, target), expected)
 
 
+@pytest.mark.parametrize("batch", [1, 31, 100])
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
+def test_chunked_cross_entropy_equals_the_score_matrix_form(batch: int, grads: tuple[bool, bool]) -> None:
+    # Loss and gradients of the row-block CE (grads taken in the forward pass) against F.cross_entropy
+    # over the materialised scores; large scores check the log-sum-exp's stability.
+    g = torch.Generator().manual_seed(batch)
+    h = (torch.randn(batch, 16, generator=g) * 4).requires_grad_(grads[0])
+    table = (torch.randn(301, 16, generator=g) * 4).requires_grad_(grads[1])
+    target = torch.randint(1, 301, (batch,), generator=g)
+    target[0] = 300  # the last class
+    expected = F.cross_entropy(h @ table[1:].T, target - 1)
+    want = [x for x in (h, table) if x.requires_grad]
+    expected_grads = torch.autograd.grad(expected * 3.0, want)
+    got = next_item_loss(h, table[1:], target)
+    assert isinstance(got.grad_fn, torch.autograd.function.BackwardCFunction)  # the chunked path ran
+    got_grads = torch.autograd.grad(got * 3.0, want)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(next_item_loss(h, table[1:], target), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_info_nce_matches_hand_computation() -> None:
     torch.manual_seed(0)
     z1, z2 = torch.randn(3, 4), torch.randn(3, 4)

@@ -53,6 +53,10 @@ PLAN: tuple[Planned, ...] = (
     # round. Named apart from results/beauty_ada_raserec.json, the earlier 1-epoch smoke test.
     Planned("beauty_raserec_ada", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_raserec_beauty.yaml "
             "--stage1-from beauty_raserec", (2024,)),
+    # Ada-Retrieval phase 2 under the authors' objective and evaluation (BCE + 100 negatives, item bias, dropout
+    # 0.1777, history masked): why beauty_ada's gain is below the paper's (issue 10, item 6).
+    Planned("beauty_ada_authors", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_beauty.yaml "
+            "--overlay configs/ada_authors.yaml --stage1-from beauty_raserec", (2024,)),
 )
 
 

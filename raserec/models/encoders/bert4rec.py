@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raserec.errors import ConfigError
 from raserec.models.encoders.transformer import TransformerEncoder
+from raserec.models.losses import next_item_loss
 
 
 class BERT4Rec(TransformerEncoder):
@@ -119,7 +119,7 @@ class BERT4Rec(TransformerEncoder):
         ids = ids[:, ids.size(1) - _real_width(ids):]  # a new view; masking never writes to it
         masked = self.cloze_mask(ids, generator)
         h = self.hidden_states(ids, masked)[masked]  # [n_masked, d]
-        return F.cross_entropy(h @ self.item_weights().T, ids[masked] - 1)
+        return next_item_loss(h, self.item_weights(), ids[masked])
 
 
 def _real_width(input_ids: Tensor) -> int:
