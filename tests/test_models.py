@@ -35,6 +35,18 @@ def _lengths_ids(lengths: list[int], t: int = 12, n: int = 50) -> torch.Tensor:
     return ids
 
 
+def _train_and_eval_passes(model: SASRec, ids: torch.Tensor, target: torch.Tensor) -> list:
+    """(output, parameter gradients) of one CE step in training mode, then in eval mode."""
+    passes = []
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad()
+        out = model(ids)
+        next_item_loss(out, model.item_weights(), target).backward()
+        passes.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    return passes
+
+
 def test_full_buckets_skip_the_grid_and_equal_dense() -> None:
     # A bucket whose sequences all fill its width needs no padded grid or mask (causality only);
     # a batch of one length (how the memory bank encodes) is the packed tensor itself.
@@ -48,15 +60,7 @@ def test_full_buckets_skip_the_grid_and_equal_dense() -> None:
     torch.manual_seed(0)
     model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32, dropout=0.0, attn_dropout=1e-12)
     for ids in (uniform, mixed):
-        target = torch.randint(1, 51, (len(ids),))
-        outs = []
-        for train in (True, False):
-            model.train(train)
-            model.zero_grad()
-            out = model(ids)
-            next_item_loss(out, model.item_weights(), target).backward()
-            outs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-        (a, ga), (b, gb) = outs
+        (a, ga), (b, gb) = _train_and_eval_passes(model, ids, torch.randint(1, 51, (len(ids),)))
         assert torch.allclose(a, model.dense_forward(ids).detach(), atol=1e-5)
         assert torch.allclose(a, b, atol=1e-5)
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
@@ -191,15 +195,7 @@ def test_training_attention_path_equals_eval_path_without_dropout() -> None:
     torch.manual_seed(0)
     model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32, dropout=0.0, attn_dropout=1e-12)
     ids = _ids()
-    target = torch.randint(1, 51, (len(ids),))
-    grads = []
-    for train in (True, False):
-        model.train(train)
-        model.zero_grad()
-        out = model(ids)
-        next_item_loss(out, model.item_weights(), target).backward()
-        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (a, ga), (b, gb) = grads
+    (a, ga), (b, gb) = _train_and_eval_passes(model, ids, torch.randint(1, 51, (len(ids),)))
     assert torch.allclose(a, b, atol=1e-5)
     assert all(torch.isfinite(x).all() and torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
 
