@@ -18,13 +18,14 @@ import yaml
 
 import raserec.models.encoders as encoders
 from raserec.ada import AdaRetrieval, FilterLayer, ItemRepresentationAdapter, UserRepresentationAdapter
-from raserec.ada.module import AdaRetrievalModule, sample_negatives
+from raserec.ada.module import AdaRetrievalModule
 from raserec.checkpoint import RECORD_KEY, load_encoder, save_encoder
 from raserec.cli import main
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError
 from raserec.evaluation.ranking import target_ranks, top_items
 from raserec.models.ada import items_mask, list_ranks
+from raserec.models.losses import sample_negatives
 from raserec.pretrain.module import PretrainModule
 from tests.conftest import BEAUTY, require
 from tests.test_memory_bank import synthetic_data, synthetic_dm, tiny_encoder

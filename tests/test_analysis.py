@@ -5,6 +5,7 @@ answers can be worked out by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -244,6 +245,23 @@ def test_cli_drift_trains_without_recent_items_and_refreshes_the_bank(beauty_sli
                  "--holdout", "1", "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert {s: Path(b).stat().st_mtime_ns for s, b in best.items()} == stamps
     assert pl.read_csv(out / "drift.csv").equals(table)
+    # --encoder: a full-data encoder given (as an encoder record would be) skips full stage 1;
+    # only RAFT is retrained on all data, and the encoder row is that encoder's.
+    encoder = tmp_path / "full_encoder.ckpt"
+    Path(best["full_pretrain"]).rename(encoder)
+    for stage in ("full_pretrain", "full_finetune"):
+        shutil.rmtree(tmp_path / "runs" / stage)
+    argv = ["analyze", "drift", "--pretrain-config", "configs/beauty_pretrain.yaml", "--finetune-config",
+            "configs/beauty_raft.yaml", "--overlay", "configs/debug.yaml", "--overlay", str(overlay), "--holdout", "1",
+            "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--no-progress", "--encoder"]
+    assert main([*argv, str(tmp_path / "missing.ckpt")]) == 2  # refused before any training
+    assert not (tmp_path / "runs" / "full_finetune").exists()
+    assert main([*argv, str(encoder)]) == 0
+    assert not (tmp_path / "runs" / "full_pretrain").exists()
+    assert (tmp_path / "runs" / "full_finetune" / "done.json").is_file()
+    again = pl.read_csv(out / "drift.csv")
+    assert again.row(3) == table.row(3)  # "encoder, retrained on all": the same encoder
+    assert json.loads((out / "drift.json").read_text())["full_encoder"] == str(encoder)
 
 
 def test_item_popularity_counts_the_training_part_only(tmp_path) -> None:

@@ -30,6 +30,7 @@ COMPOSITIONS = {
     **{f"ada_{d}.yaml": ["stage/ada", f"data/{d}"] for d in ("beauty", "sports", "yelp")},
     **{f"ada_{d}_gru4rec.yaml": ["stage/ada", f"data/{d}"] for d in ("beauty", "sports", "yelp")},
     "ada_raserec_beauty.yaml": ["stage/ada_raserec", "data/beauty"],
+    "beauty_sasrec_bce.yaml": ["stage/sasrec_bce", "data/beauty"],
     **{f"{d}_{m}.yaml": [f"stage/{m}", f"data/{d}"] for d in ("beauty", "sports") for m in ("sracl", "grasp")},
 }
 #: Settings that name the run (set by --name or the runner) or describe it in words.

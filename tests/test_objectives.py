@@ -7,7 +7,14 @@ import torch
 
 from raserec.errors import ConfigError
 from raserec.pretrain.module import PretrainModule
-from raserec.pretrain.objectives import Cloze, NextItemCE, Objective, SameTargetInfoNCE, objective_from_record
+from raserec.pretrain.objectives import (
+    Cloze,
+    NextItemCE,
+    Objective,
+    SameTargetInfoNCE,
+    SampledBCE,
+    objective_from_record,
+)
 from tests.test_memory_bank import synthetic_dm
 
 
@@ -92,3 +99,31 @@ def test_us_x_views_of_one_batch_get_independent_dropout_in_the_training_step(mo
     seen.clear()
     module.training_step(batch, 0)
     assert torch.allclose(seen["sequence"][keep], seen["anchor"], atol=1e-6)  # same math without dropout
+
+
+def test_sampled_bce_scores_the_target_against_negatives_outside_the_sequence(monkeypatch) -> None:
+    """The Ada-Retrieval authors' base objective: BCE over the target (label 1) and n uniform
+    negatives that are never an item of the input sequence nor the target (label 0)."""
+    import raserec.pretrain.objectives as objectives
+
+    dm = synthetic_dm(batch_size=64)
+    dm.setup("fit")
+    batch = dm.dataset("train").__getitems__(list(range(64)))
+    torch.manual_seed(0)
+    module = PretrainModule(dm.num_items, objectives=[SampledBCE(num_negatives=7)]).eval()
+    module.log_dict = lambda *a, **k: None
+    drawn = {}
+    real = objectives.sample_negatives
+    monkeypatch.setattr(objectives, "sample_negatives", lambda *a: drawn.setdefault("neg", real(*a)))
+    loss = module.training_step(batch, 0)
+    neg, ids, target = drawn["neg"], batch["input_ids"], batch["target"]
+    assert neg.shape == (64, 7) and neg.min() >= 1 and neg.max() <= dm.num_items
+    assert not (neg.unsqueeze(2) == ids.unsqueeze(1)).any() and not (neg == target[:, None]).any()
+    # by hand: -mean(log sigma(s_target)) over 1 column and -mean(log(1 - sigma(s_neg))) over 7
+    h, table = module.encoder(ids), module.encoder.item_embedding.weight
+    pos, negs = (h * table[target]).sum(1), torch.einsum("bd,bnd->bn", h, table[neg])
+    by_hand = -(torch.nn.functional.logsigmoid(pos).sum() + torch.nn.functional.logsigmoid(-negs).sum()) / (64 * 8)
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    assert objective_from_record(SampledBCE(0.5, 100).record()) == SampledBCE(0.5, 100)
+    with pytest.raises(ConfigError, match="num_negatives must be >= 1"):
+        SampledBCE(num_negatives=0)

@@ -23,37 +23,10 @@ from raserec.memory.callback import MemoryBankCallback
 from raserec.memory.retriever import BankConfig, MemoryRetriever
 from raserec.models.ada import AdaOutput, AdaRetrieval, list_ranks
 from raserec.models.encoders.base import SequenceEncoder
+from raserec.models.losses import sample_negatives, target_first_bce
 from raserec.models.ram import RAMConfig, RetrievalAugmentedModule, holds_residual_block
 
 log = logging.getLogger(__name__)
-
-
-def sample_negatives(history: Tensor, target: Tensor, num_items: int, n: int,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """``n`` negatives per row ``[B, n]``, uniform (with replacement) over the items that are
-    neither in ``history`` ``[B, L]`` (0 = padding) nor the ``target`` ``[B]``.
-
-    Exact and loop-free: a uniform rank ``r`` among the row's free items is mapped to the
-    ``r``-th free item id by counting (``searchsorted``) the excluded ids that precede it, so
-    no draw ever collides with the history and nothing needs resampling.
-    """
-    excluded = torch.cat([history, target.unsqueeze(1)], dim=1)
-    b, m = excluded.shape
-    srt = excluded.sort(dim=1).values
-    fresh = torch.ones_like(srt, dtype=torch.bool)
-    fresh[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    valid = (srt > 0) & fresh  # distinct real items
-    big = num_items + 1
-    ids = torch.where(valid, srt, big).sort(dim=1).values  # distinct excluded ids ascending, then `big`
-    col = torch.arange(m, device=ids.device)
-    # Free items with a smaller id than the j-th excluded one (non-decreasing in j); `big` after.
-    before = torch.where(ids <= num_items, ids - 1 - col, torch.full_like(ids, 2 * big)).contiguous()
-    free = num_items - valid.sum(1, keepdim=True)  # [B, 1]
-    if int(free.min()) < 1:
-        raise ValueError("a row's history covers every item: no negative to sample")
-    u = torch.rand(b, n, device=ids.device, generator=generator)
-    r = torch.minimum((u * free).long(), free - 1)  # 0-based rank among the free items
-    return r + 1 + torch.searchsorted(before, r, right=True)
 
 
 class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
@@ -236,10 +209,7 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         out = self.rounds_output(batch)
         negatives = sample_negatives(batch["input_ids"], target, self.num_items, self.num_negatives)
         candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)  # [B, 1 + n]
-        logits = self.model.score_items(out.user_reprs, candidates)
-        labels = torch.zeros_like(logits)
-        labels[..., 0] = 1.0
-        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=(0, 2))
+        return target_first_bce(self.model.score_items(out.user_reprs, candidates)).mean(dim=(0, 2))
 
     def weighted_loss(self, losses: Tensor) -> Tensor:
         """sum_t lambda^(t-1) L_t."""
@@ -313,4 +283,4 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
             state.update({f"base_encoder.{k}": v for k, v in self.base_encoder.state_dict().items()})
 
 
-__all__ = ["AdaRetrievalModule", "sample_negatives"]
+__all__ = ["AdaRetrievalModule"]

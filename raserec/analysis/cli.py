@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overlay", type=Path, action="append", default=[], help="config applied after each (repeatable)")
     d.add_argument("--holdout", type=int, default=2, help="m: recent items held out per user (before validation)")
     d.add_argument("--retrained", help="RAFT checkpoint trained on all data (default: train both stages here)")
+    d.add_argument("--encoder", help="stage-1 encoder (record or checkpoint) trained on all data: only RAFT is "
+                                     "retrained on all data (ignored with --retrained)")
     d.add_argument("--work-dir", type=Path, help="checkpoints of the drift runs (default: runs/drift_<dataset>)")
     return p
 
@@ -94,10 +96,14 @@ def main(argv: list[str]) -> int:
         for path in (args.pretrain_config, args.finetune_config, *args.overlay):
             if not path.is_file():
                 raise RaserecError(f"{path}: no such config file")
+        for path in (args.retrained, args.encoder):
+            if path is not None and not Path(path).is_file():
+                raise RaserecError(f"{path}: no such checkpoint")
         stem = args.pretrain_config.stem.split("_")[0]
         out = Output(args.out or Path("results/analysis") / stem, "drift", command)
         table, fig, extra = drift(args.pretrain_config, args.finetune_config, args.overlay, args.holdout,
-                                  args.work_dir or Path("runs") / f"drift_{stem}", args.retrained, progress)
+                                  args.work_dir or Path("runs") / f"drift_{stem}", args.retrained, progress,
+                                  full_encoder=args.encoder)
         paths = out.write(table, fig, {"seeds": [args.seed], **extra, **({"notes": args.notes} if args.notes else {})})
         _report(table, paths)
         return 0

@@ -86,7 +86,12 @@ def _configs(config: Path, overlays: Sequence[Path]) -> list[str]:
 
 
 def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path], holdout: int, work_dir: Path,
-          retrained_checkpoint: str | None = None, progress: bool = True) -> tuple[pl.DataFrame, object, dict]:
+          retrained_checkpoint: str | None = None, progress: bool = True,
+          full_encoder: str | None = None) -> tuple[pl.DataFrame, object, dict]:
+    """Train what is missing (resumably, under ``work_dir``) and compare the five variants of the
+    module docstring. ``retrained_checkpoint`` (a RAFT checkpoint trained on all data) skips both
+    full-data stages; ``full_encoder`` (a stage-1 encoder record or checkpoint trained on all data,
+    e.g. ``results/beauty_raserec/seed_2024/encoder.pt``) skips only stage 1 of them."""
     pre_args, fine_args = _configs(pretrain_config, overlays), _configs(finetune_config, overlays)
     probe = _datamodule(pre_args)  # the pre-training config: parsing it loads no checkpoint
     full = probe.data
@@ -95,7 +100,7 @@ def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path]
     enc_reduced = fit_stage(pre_args, reduced, work_dir / "reduced_pretrain", progress=progress)
     raft_reduced = fit_stage(fine_args, reduced, work_dir / "reduced_finetune", enc_reduced, progress=progress)
     if retrained_checkpoint is None:
-        enc_full = fit_stage(pre_args, full, work_dir / "full_pretrain", progress=progress)
+        enc_full = full_encoder or fit_stage(pre_args, full, work_dir / "full_pretrain", progress=progress)
         retrained_checkpoint = fit_stage(fine_args, full, work_dir / "full_finetune", enc_full, progress=progress)
 
     module, dm = load_raft(raft_reduced, cache_dir=probe.hparams.cache_dir)
@@ -130,6 +135,7 @@ def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path]
                    "metric", line_label="NDCG@10 vs stale bank (%)")
     extra = {"holdout": holdout, "users_with_holdout": int((lost > 0).sum()), "held_out_interactions": int(lost.sum()),
              "reduced_checkpoints": [enc_reduced, raft_reduced], "retrained_checkpoint": retrained_checkpoint,
+             **({"full_encoder": full_encoder} if full_encoder else {}),
              "pretrain_config": str(pretrain_config), "finetune_config": str(finetune_config),
              "overlays": [str(o) for o in overlays], "dataset": dm.data_path.stem}
     return table, fig, extra

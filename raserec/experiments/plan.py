@@ -57,6 +57,11 @@ PLAN: tuple[Planned, ...] = (
     # 0.1777, history masked): why beauty_ada's gain is below the paper's (issue 10, item 6).
     Planned("beauty_ada_authors", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_beauty.yaml "
             "--overlay configs/ada_authors.yaml --stage1-from beauty_raserec", (2024,)),
+    # The same phase 2 on the authors' own kind of base (SASRec trained with the sampled BCE): beauty_ada_authors
+    # lost 2.9% HR@50 on our CE + InfoNCE encoder; does Ada-Retrieval gain over a sampled-loss base?
+    Planned("beauty_sasrec_bce", "--pretrain configs/beauty_sasrec_bce.yaml", (2024,)),
+    Planned("beauty_ada_authors_bce_base", "--pretrain configs/beauty_sasrec_bce.yaml --finetune configs/ada_beauty.yaml "
+            "--overlay configs/ada_authors.yaml --stage1-from beauty_sasrec_bce", (2024,)),
 )
 
 

@@ -219,7 +219,7 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
     for which in ("last", "best"):  # the stage is finished: carried checkpoints are no longer needed
         spec.carried(seed, stage, which).unlink(missing_ok=True)
-    if stage == "pretrain" and spec.finetune is not None:
+    if stage == "pretrain":  # a record, also of a pretrain-only run: --stage1-from reuses it
         export_encoder(spec, seed)
 
 
@@ -300,7 +300,7 @@ def run(spec: ExperimentSpec) -> dict:
                 else spec.stage_results(seed, stage).is_file()
             if done:
                 print(f"{prefix}: done earlier, skipped", flush=True)
-                if stage == "pretrain" and spec.finetune is not None:
+                if stage == "pretrain":
                     export_encoder(spec, seed)
                 continue
             start = time.perf_counter()

@@ -87,3 +87,39 @@ def info_nce(
     sim.fill_diagonal_(float("-inf"))
     labels = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return F.cross_entropy(sim, labels)
+
+
+def sample_negatives(history: Tensor, target: Tensor, num_items: int, n: int,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """``n`` negatives per row ``[B, n]``, uniform (with replacement) over the items that are
+    neither in ``history`` ``[B, L]`` (0 = padding) nor the ``target`` ``[B]``.
+
+    Exact and loop-free: a uniform rank ``r`` among the row's free items is mapped to the
+    ``r``-th free item id by counting (``searchsorted``) the excluded ids that precede it, so
+    no draw ever collides with the history and nothing needs resampling.
+    """
+    excluded = torch.cat([history, target.unsqueeze(1)], dim=1)
+    b, m = excluded.shape
+    srt = excluded.sort(dim=1).values
+    fresh = torch.ones_like(srt, dtype=torch.bool)
+    fresh[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    valid = (srt > 0) & fresh  # distinct real items
+    big = num_items + 1
+    ids = torch.where(valid, srt, big).sort(dim=1).values  # distinct excluded ids ascending, then `big`
+    col = torch.arange(m, device=ids.device)
+    # Free items with a smaller id than the j-th excluded one (non-decreasing in j); `big` after.
+    before = torch.where(ids <= num_items, ids - 1 - col, torch.full_like(ids, 2 * big)).contiguous()
+    free = num_items - valid.sum(1, keepdim=True)  # [B, 1]
+    if int(free.min()) < 1:
+        raise ValueError("a row's history covers every item: no negative to sample")
+    u = torch.rand(b, n, device=ids.device, generator=generator)
+    r = torch.minimum((u * free).long(), free - 1)  # 0-based rank among the free items
+    return r + 1 + torch.searchsorted(before, r, right=True)
+
+
+def target_first_bce(logits: Tensor) -> Tensor:
+    """Element-wise binary cross-entropy of sampled-candidate scores ``[..., 1 + n]`` whose first
+    column is the target (label 1) and the rest sampled negatives (label 0); callers reduce."""
+    labels = torch.zeros_like(logits)
+    labels[..., 0] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")

@@ -15,12 +15,13 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from raserec.data.batch import PretrainBatch
 from raserec.errors import ConfigError, check
 from raserec.models.encoders.base import SequenceEncoder
-from raserec.models.losses import info_nce, next_item_loss
+from raserec.models.losses import info_nce, next_item_loss, sample_negatives, target_first_bce
 
 if TYPE_CHECKING:
     from raserec.data.datamodule import SequenceDataModule
@@ -94,6 +95,40 @@ class NextItemCE(Objective):
 
     def loss(self, encoder: SequenceEncoder, batch: PretrainBatch, reprs: dict[str, Tensor]) -> Tensor:
         return next_item_loss(reprs["sequence"], encoder.item_weights(), batch["target"])
+
+
+class SampledBCE(Objective):
+    """L_rec of the Ada-Retrieval authors' base models (github ll0ruc/Ada-Retrieval,
+    ``reco_abc.py``): binary cross-entropy of the next item (label 1) and ``num_negatives``
+    items drawn uniformly, with replacement, among those neither in the input sequence nor the
+    target (label 0), averaged over the ``1 + n`` scores. Unlike the authors' it uses no learned
+    per-item bias, so the encoder record stays a plain encoder.
+
+    Args:
+        weight: weight of this term.
+        num_negatives: sampled negatives per sequence (the authors' 100), redrawn every step.
+    """
+
+    name = "loss_rec"
+
+    def __init__(self, weight: float = 1.0, num_negatives: int = 100) -> None:
+        super().__init__(weight)
+        check(num_negatives >= 1, f"num_negatives must be >= 1, got {num_negatives}")
+        self.num_negatives = int(num_negatives)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"weight": self.weight, "num_negatives": self.num_negatives}
+
+    def views(self, batch: PretrainBatch) -> dict[str, Tensor]:
+        return {"sequence": batch["input_ids"]}
+
+    def loss(self, encoder: SequenceEncoder, batch: PretrainBatch, reprs: dict[str, Tensor]) -> Tensor:
+        target = batch["target"]
+        num_items = encoder.item_embedding.num_embeddings - 1
+        negatives = sample_negatives(batch["input_ids"], target, num_items, self.num_negatives)
+        candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)  # [B, 1 + n] item ids
+        logits = torch.einsum("bd,bcd->bc", reprs["sequence"], encoder.item_embedding(candidates))
+        return target_first_bce(logits).mean()
 
 
 class Cloze(Objective):
