@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from raserec.benchmarks.common import peak_rss_gb, save
+from raserec.benchmarks.common import save
 from raserec.models.losses import CE_CHUNK_ROWS, ChunkedSoftmaxCE
 from raserec.runtime import tune_allocator
 
@@ -62,19 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"{case}/speedup_rows{CE_CHUNK_ROWS}"] = round(med["matrix"] / med[f"rows{CE_CHUNK_ROWS}"], 2)
         details[case] = {k: [round(1000 * t, 2) for t in v] for k, v in times.items()}
         print(case, {k: round(1000 * v, 1) for k, v in med.items()}, flush=True)
-    metrics["peak_rss_gb"] = peak_rss_gb()
     save("ce_bench.json", {
         "dataset": "Beauty sizes (12,101 items, d = 64), random inputs",
         "model": "full-softmax cross-entropy, forward + backward",
         "seeds": [0],
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "torch_threads": torch.get_num_threads(),
         "metrics": metrics,
         "notes": (f"median of {args.steps} alternating calls per variant after one warm-up; matrix = "
                   "F.cross_entropy(h @ W.T) (autograd through the [B, N] scores); rowsR = ChunkedSoftmaxCE with "
                   f"R rows per block (the package uses {CE_CHUNK_ROWS})"),
         "details_ms": details,
-    })
+    }, started=start)
     return 0
 
 

@@ -30,9 +30,18 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
 
 
-def save(name: str, record: dict[str, Any]) -> Path:
+def save(name: str, record: dict[str, Any], started: float | None = None) -> Path:
+    """Write ``results/<name>`` with the command and hardware; with ``started`` (a
+    ``time.perf_counter()`` reading) also the wall time since then, the torch thread count and
+    the peak RSS (``metrics.peak_rss_gb``)."""
     record = {"command": " ".join(["python -m raserec.benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]]),
               "hardware": hardware(), **record}
+    if started is not None:
+        import torch
+
+        record["wall_time_s"] = round(time.perf_counter() - started, 2)
+        record["torch_threads"] = torch.get_num_threads()
+        record["metrics"] = {**record.get("metrics", {}), "peak_rss_gb": peak_rss_gb()}
     path = write_results(ROOT / "results" / name, record)
     print(f"wrote {path}")
     return path

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
-from raserec.benchmarks.common import peak_rss_gb, save
+from raserec.benchmarks.common import save
 from raserec.benchmarks.train_bench import epoch_time, model_epoch_time
 from raserec.data.datamodule import SequenceDataModule
 from raserec.pretrain.module import PretrainModule
@@ -63,20 +62,17 @@ def main() -> None:
     metrics.update({f"{name}/step_s": d["step_s"] for name, d in details.items()})
     metrics.update({f"{name}/cost_vs_sasrec": round(d["epoch_s"] / details["sasrec"]["epoch_s"], 2)
                     for name, d in details.items() if name != "sasrec"})
-    metrics["peak_rss_gb"] = peak_rss_gb()
     save("semantic_bench.json", {
         "dataset": "Beauty",
         "model": "SASRec, us_x, SASRec + SRA-CL, SASRec + GRASP (d=64, 2 layers; MiniLM semantics, k=10)",
         "seeds": [0],
-        "wall_time_s": round(time.perf_counter() - start, 2),
         "batch_size": 256,
-        "torch_threads": torch.get_num_threads(),
         "metrics": metrics,
         "notes": f"training loop over {args.batches:g} of an epoch per model, float32, no validation, "
                  "scaled to the 131,413 training pairs; setup_s (semantic neighbours, similar users) "
                  "apart in details",
         "details": details,
-    })
+    }, started=start)
 
 
 if __name__ == "__main__":
