@@ -523,6 +523,35 @@ def test_cached_filter_branches_leave_the_rounds_unchanged(data_and_ckpt) -> Non
             blocks.append(encoder.item_embedding(out.retrieved[:, t]))
 
 
+def test_ce_rounds_take_the_row_block_loss_with_the_score_matrix_gradients(data_and_ckpt, monkeypatch) -> None:
+    """Training with ``loss: ce`` never keeps a round's [B, N] scores for backward: the rounds
+    retrieve without autograd and each L_t runs as ChunkedSoftmaxCE; losses and every gradient
+    equal autograd through the score matrices (the form kept for ``item_bias``)."""
+    import raserec.models.losses as losses_mod
+
+    data, ckpt = data_and_ckpt
+    torch.manual_seed(0)
+    module = _module(ckpt, rounds=3, total_k=30, loss="ce", metric_ks=(10, 20)).eval()  # eval: no dropout
+    batch = _batch(data, split="train", n=300)  # not a multiple of the 128-row block
+    params = [p for p in module.parameters() if p.requires_grad]
+    calls = []
+    real = losses_mod.ChunkedSoftmaxCE.forward
+    monkeypatch.setattr(losses_mod.ChunkedSoftmaxCE, "forward",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    losses = module.round_losses(batch)
+    grads = torch.autograd.grad(module.weighted_loss(losses), params, allow_unused=True)
+    assert len(calls) == 3
+    out = module.model(batch["input_ids"], return_scores=True)
+    expected = torch.stack([F.cross_entropy(s, batch["target"] - 1) for s in out.scores])
+    ref = torch.autograd.grad(module.weighted_loss(expected), params, allow_unused=True)
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+    assert sum(g is not None for g in grads) > 10
+    for g, r in zip(grads, ref, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_item_bias_enters_every_score_and_trains(loss: str, data_and_ckpt) -> None:
     """``item_bias``: scores u . v_i + b_i (b ~ N(0, 0.1)) in retrieval, in both losses and in

@@ -230,11 +230,12 @@ def test_summary_of_an_ada_experiment_without_ranks(tmp_path):
 
 def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys):
     """Without --finetune (SASRec, SRA-CL, GRASP over seeds): one stage per seed, no ranks step,
-    no encoder export, and the results file holds that stage's mean and std."""
+    an encoder record only where the checkpoint holds one, and the results file holds that
+    stage's mean and std."""
     from raserec.experiments.runner import parse_args, run
 
     spec = parse_args(["--name", "beauty_grasp", "--pretrain", "configs/beauty_grasp.yaml", "--seeds", "1", "2",
-                       "--results-dir", str(tmp_path)])
+                       "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     assert spec.finetune is None and spec.stages == ("pretrain",)
     values = {1: 0.03, 2: 0.05}
     for seed, ndcg in values.items():
@@ -243,6 +244,10 @@ def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys
             "command": f"raserec fit --seed_everything {seed}", "hardware": "cpu", "dataset": "Beauty",
             "model": "SASRec + GRASP", "epochs": 30 + seed, "wall_time_s": 100.0, "notes": "to early stopping",
             "metrics": {"test/NDCG@10": ndcg, "test/HR@10": 2 * ndcg}}))
+    # seed 1 left a checkpoint without an encoder record (as GRASP's, whose backbone alone is not
+    # the model): nothing is exported and the run still summarises
+    spec.checkpoint(1, "pretrain").parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, spec.checkpoint(1, "pretrain"))
     summary = run(spec)
     out = capsys.readouterr().out
     assert out.count("done earlier, skipped") == 2 and "ranks" not in out

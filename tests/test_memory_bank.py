@@ -356,6 +356,8 @@ def test_length_batches_cover_every_row_once_in_one_length_batches() -> None:
     # a budget below one prefix still makes progress, one row at a time
     order, batches = length_batches(np.array([50, 50, 3]), batch_size=8, token_budget=10)
     assert [order[b].tolist() for b in batches] == [[2], [0], [1]]
+    order, batches = length_batches(np.array([], dtype=np.int64), batch_size=8, token_budget=10)
+    assert len(order) == 0 and batches == []  # an empty dataset: nothing to encode
 
 
 def test_add_extends_the_bank_without_retraining() -> None:

@@ -144,6 +144,10 @@ def test_chunked_cross_entropy_equals_the_score_matrix_form(batch: int, grads: t
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(next_item_loss(h, table[1:], target), expected, rtol=1e-5, atol=1e-5)
+    # first order only: a second derivative is refused, never silently zero
+    first = torch.autograd.grad(next_item_loss(h, table[1:], target), want, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(first[0].sum(), want)
 
 
 def test_info_nce_matches_hand_computation() -> None:

@@ -23,7 +23,7 @@ from raserec.memory.callback import MemoryBankCallback
 from raserec.memory.retriever import BankConfig, MemoryRetriever
 from raserec.models.ada import AdaOutput, AdaRetrieval, list_ranks
 from raserec.models.encoders.base import SequenceEncoder
-from raserec.models.losses import sample_negatives, target_first_bce
+from raserec.models.losses import next_item_loss, sample_negatives, target_first_bce
 from raserec.models.ram import RAMConfig, RetrievalAugmentedModule, holds_residual_block
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,17 @@ class AdaRetrievalModule(FrozenEncoderMixin, RecommenderModule):
         """L_t of every round ``[T]`` (unweighted)."""
         target = batch["target"]
         if self.loss_kind == "ce":
-            out = self.rounds_output(batch, return_scores=True)
             # Raw scores: an item an earlier round already retrieved (possibly the target) still
             # counts, as in the authors' loss; the exclusion only shapes retrieval.
-            return torch.stack([F.cross_entropy(s, target - 1) for s in out.scores])
+            if self.model.item_bias is not None:  # the row-block CE has no bias term
+                out = self.rounds_output(batch, return_scores=True)
+                return torch.stack([F.cross_entropy(s, target - 1) for s in out.scores])
+            # Retrieval scores without autograd, and each round's CE a block of rows at a time
+            # (ChunkedSoftmaxCE): no [B, N] score matrix is kept for backward in any round.
+            out = self.rounds_output(batch)
+            weights = self.encoder.item_weights()
+            return torch.stack([next_item_loss(out.user_reprs[:, t], weights, target)
+                                for t in range(out.user_reprs.size(1))])
         out = self.rounds_output(batch)
         negatives = sample_negatives(batch["input_ids"], target, self.num_items, self.num_negatives)
         candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)  # [B, 1 + n]

@@ -10,6 +10,7 @@ so the gain of refreshing the memory bank alone can be compared with the gain of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -100,8 +101,12 @@ def drift(pretrain_config: Path, finetune_config: Path, overlays: Sequence[Path]
     enc_reduced = fit_stage(pre_args, reduced, work_dir / "reduced_pretrain", progress=progress)
     raft_reduced = fit_stage(fine_args, reduced, work_dir / "reduced_finetune", enc_reduced, progress=progress)
     if retrained_checkpoint is None:
-        enc_full = full_encoder or fit_stage(pre_args, full, work_dir / "full_pretrain", progress=progress)
-        retrained_checkpoint = fit_stage(fine_args, full, work_dir / "full_finetune", enc_full, progress=progress)
+        if full_encoder is None:
+            enc_full, stage = fit_stage(pre_args, full, work_dir / "full_pretrain", progress=progress), "full_finetune"
+        else:  # its own run directory per given encoder: a finished or interrupted RAFT of another is never reused
+            digest = hashlib.sha256(Path(full_encoder).read_bytes()).hexdigest()[:12]
+            enc_full, stage = full_encoder, f"full_finetune_{digest}"
+        retrained_checkpoint = fit_stage(fine_args, full, work_dir / stage, enc_full, progress=progress)
 
     module, dm = load_raft(raft_reduced, cache_dir=probe.hparams.cache_dir)
     dm.set_data(full)  # queries: the full history

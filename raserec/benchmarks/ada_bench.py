@@ -6,8 +6,10 @@ A step is the whole phase-2 update at the config's batch (1024): five rounds (ba
 retrieval), the per-round loss, backward and the Adam step. "reference" re-creates the forward
 before the speed-up inside this script: the filter as rFFT -> filter -> irFFT, every earlier
 block filtered again in every later round, and the IRA's residual/dropout/LayerNorm on padding
-positions too. "current" is the package's code: the filter as a per-channel k x k product, each
-block's deterministic branch computed once, padding skipped. Both compute the same function
+positions too, and (``--loss ce``) each round's CE by autograd through its [B, N] score matrix.
+"current" is the package's code: the filter as a per-channel k x k product, each block's
+deterministic branch computed once, padding skipped, retrieval without autograd and each round's
+CE as ChunkedSoftmaxCE (row blocks, gradients in the same pass). Both compute the same function
 (checked here in eval mode on the same batch, and in tests/test_ada.py); steps alternate between
 the two so that machine noise hits both alike. "current_bf16" is the current forward under bf16
 autocast (``trainer.precision: bf16-mixed``, pays on CPUs with AVX512-BF16; not the same
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raserec.ada.module import AdaRetrievalModule
 from raserec.benchmarks.common import ROOT, save
@@ -36,7 +39,15 @@ from raserec.runtime import tune_allocator
 @contextlib.contextmanager
 def reference_forward() -> Iterator[None]:
     """Swap in the forward as it was before the speed-up (same function, more work)."""
-    saved = (FilterLayer.filtered, FilterLayer.branch, FilterLayer.forward, ItemRepresentationAdapter.forward)
+    saved = (FilterLayer.filtered, FilterLayer.branch, FilterLayer.forward, ItemRepresentationAdapter.forward,
+             AdaRetrievalModule.round_losses)
+    current_losses = AdaRetrievalModule.round_losses
+
+    def round_losses(self: AdaRetrievalModule, batch) -> torch.Tensor:
+        if self.loss_kind != "ce":
+            return current_losses(self, batch)
+        out = self.rounds_output(batch, return_scores=True)  # autograd through every round's [B, N] scores
+        return torch.stack([F.cross_entropy(s, batch["target"] - 1) for s in out.scores])
 
     def layer_forward(self: FilterLayer, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.dropout(self.dense(self.filtered(x))))
@@ -51,10 +62,12 @@ def reference_forward() -> Iterator[None]:
     FilterLayer.branch = lambda self, x: None  # the caller's cache: nothing is cached
     FilterLayer.forward = layer_forward
     ItemRepresentationAdapter.forward = ira_forward
+    AdaRetrievalModule.round_losses = round_losses
     try:
         yield
     finally:
-        (FilterLayer.filtered, FilterLayer.branch, FilterLayer.forward, ItemRepresentationAdapter.forward) = saved
+        (FilterLayer.filtered, FilterLayer.branch, FilterLayer.forward, ItemRepresentationAdapter.forward,
+         AdaRetrievalModule.round_losses) = saved
 
 
 def _step(module: AdaRetrievalModule, optimizer: torch.optim.Optimizer, batch) -> float:

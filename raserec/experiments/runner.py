@@ -226,10 +226,14 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
 def export_encoder(spec: ExperimentSpec, seed: int) -> Path | None:
     """Write the stage-1 best encoder as a standalone record (weights, class, data fingerprint,
     weight hash) to ``results/<name>/seed_<s>/encoder.pt``, if not there yet."""
-    from raserec.checkpoint import load_encoder, save_encoder
+    from raserec.checkpoint import RECORD_KEY, load_encoder, load_weights_only, save_encoder
 
     target, best = spec.encoder_record(seed), spec.checkpoint(seed, "pretrain")
     if target.is_file() or not best.is_file():
+        return None
+    blob = load_weights_only(best)
+    if not isinstance(blob, dict) or RECORD_KEY not in blob:  # e.g. GRASP: its backbone alone is not the model
+        log.info("%s: no encoder record in it, none exported", best)
         return None
     encoder, data = load_encoder(best)
     save_encoder(encoder, target, {**data, "exported_from": str(best)})

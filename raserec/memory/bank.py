@@ -165,6 +165,8 @@ def length_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> t
     size keeps the feed-forward's ``[tokens, inner]`` activations in cache: on the 2-core CPU the
     131k Beauty prefixes encode several times faster than in 2048-row batches of mixed lengths."""
     order = np.argsort(lengths, kind="stable")
+    if len(order) == 0:
+        return order, []
     sorted_lengths = lengths[order]
     bounds = np.r_[0, np.flatnonzero(np.diff(sorted_lengths)) + 1, len(order)]
     batches = []

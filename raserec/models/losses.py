@@ -47,6 +47,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         return total / b
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         saved = iter(ctx.saved_tensors)
         scale = grad_out / ctx.batch
