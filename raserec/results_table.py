@@ -164,6 +164,8 @@ def semantic_table(results_dir: Path) -> str:
         parts = path.stem.split("_")
         if not 2 <= len(parts) <= 3 or parts[1] not in SEMANTIC_METHODS:
             continue
+        if parts[1] == "sasrec" and len(parts) == 3:
+            continue  # another SASRec (e.g. beauty_sasrec_bce), not a semantic method: the single-runs table
         prefix = parts[0]
         r = json.loads(path.read_text())
         if "cpu_short" in r.get("command", "") or "not converged" in r.get("notes", ""):

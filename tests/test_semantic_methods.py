@@ -396,6 +396,7 @@ def test_semantic_table_gives_gains_over_the_same_sasrec(tmp_path) -> None:
     write("beauty_grasp_idres.json", "SASRec + GRASP, id_residual", 0.0270, 0.0880)
     write("beauty_pretrain.json", "not part of the comparison", 0.9, 0.9)
     write("beauty_raserec_cpu_short.json", "not part of the comparison", 0.9, 0.9)
+    write("beauty_sasrec_bce.json", "another SASRec, not a semantic method", 0.9, 0.9)
     table = semantic_table(tmp_path).splitlines()
     assert len(table) == 5 and "SASRec (CE)" in table[2]
     assert "| +10.0% | -5.0% | 2024 | beauty_grasp.json |" in table[3]
