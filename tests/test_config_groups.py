@@ -77,6 +77,22 @@ def test_groups_compose_to_the_flat_file(flat: str) -> None:
     assert without_run_specific(composed) == without_run_specific(yaml.safe_load((CONFIGS / flat).read_text()))
 
 
+def test_the_ce_baseline_differs_from_stage_one_only_in_the_retrieval_loss() -> None:
+    # The SASRec rows are the baselines RaSeRec's gains are measured against: same encoder, data,
+    # schedule and early stopping, only the InfoNCE term off (a drift here would confound them).
+    def load(name: str) -> dict:
+        cfg = yaml.safe_load((CONFIGS / "stage" / f"{name}.yaml").read_text())
+        cfg["results"].pop("model")
+        for key in ("positive_pair", "lambda_ret"):
+            cfg["model"]["init_args"].pop(key)
+        return cfg
+
+    baseline, stage_one = load("sasrec"), load("pretrain")
+    assert baseline == stage_one
+    raw = yaml.safe_load((CONFIGS / "stage" / "sasrec.yaml").read_text())["model"]["init_args"]
+    assert raw["lambda_ret"] == 0.0 and raw["positive_pair"] == "none"
+
+
 def test_every_flat_run_config_has_a_composition() -> None:
     overlays = {"debug.yaml", "cpu_short.yaml", "ram_residual.yaml", "beauty_semantic_pretrain.yaml", "bf16.yaml",
                 "ada_authors.yaml", "grasp_id_residual.yaml"}

@@ -128,3 +128,14 @@ def test_full_ranking_evaluation_never_sorts_the_item_scores(monkeypatch) -> Non
     batches = math.ceil(len(dm.pairs("test")) / 8)
     assert len(products) == batches  # one item-score product per test batch
     assert 0.0 <= metrics["test/NDCG@10"] <= metrics["test/HR@10"] <= 1.0
+
+
+def test_relative_change_of_a_zero_baseline_is_null_in_polars_too() -> None:
+    import polars as pl
+
+    from raserec.evaluation.metrics import relative_change_pct
+
+    assert relative_change_pct(0.2, 0.0) is None and relative_change_pct(0.3, 0.2) == pytest.approx(50.0)
+    df = pl.DataFrame({"HR@5": [0.1, 0.2]})
+    out = df.select(relative_change_pct(pl.col("HR@5"), 0.0).alias("c"), relative_change_pct(pl.col("HR@5"), 0.1).alias("d"))
+    assert out["c"].to_list() == [None, None] and out["d"].to_list() == pytest.approx([0.0, 100.0])

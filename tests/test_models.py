@@ -47,23 +47,43 @@ def _train_and_eval_passes(model: SASRec, ids: torch.Tensor, target: torch.Tenso
     return passes
 
 
-def test_full_buckets_skip_the_grid_and_equal_dense() -> None:
-    # A bucket whose sequences all fill its width needs no padded grid or mask (causality only);
-    # a batch of one length (how the memory bank encodes) is the packed tensor itself.
+def test_length_buckets_are_views_or_grids_and_equal_dense(monkeypatch) -> None:
+    # Rows are sorted by length; a bucket closes once it holds PACK_MIN_ROWS rows. A bucket of one
+    # length is a view of the packed tokens (no grid, no mask); one of several lengths is a padded
+    # grid. A batch of one length (how the memory bank encodes) is one bucket, rows unpermuted.
     uniform = _lengths_ids([5] * 6)
-    mixed = _lengths_ids([1, 1, 4, 4, 3, 7, 7, 12])  # buckets of widths 1, 4 (3 is padded), 7, 12
-    layout = PackedLayout.build(uniform)
-    assert layout.identity and layout.buckets[0].full
-    fulls = {b.width: b.full for b in PackedLayout.build(mixed).buckets}
-    assert fulls == {1: True, 4: False, 7: True, 12: True}
-    assert not PackedLayout.build(mixed).identity
+    mixed = _lengths_ids([7, 1, 4, 12, 3, 4, 1, 7])
+    layout = PackedLayout.build(uniform, min_rows=2)
+    assert layout.sorted_rows and len(layout.buckets) == 1 and layout.buckets[0].grid_pos is None
+    layout = PackedLayout.build(mixed, min_rows=2)
+    assert not layout.sorted_rows
+    assert layout.order.tolist() == [1, 6, 4, 2, 5, 0, 7, 3]  # stable sort by length
+    assert [(b.rows, b.width, b.tokens, b.grid_pos is None) for b in layout.buckets] == [
+        (2, 1, 2, True), (3, 4, 11, False), (2, 7, 14, True), (1, 12, 12, True)]
+    assert layout.last_token.tolist() == [0, 1, 4, 8, 12, 19, 26, 38]
+    assert [len(b) for b in (PackedLayout.build(mixed, min_rows=1).buckets, PackedLayout.build(mixed).buckets)] \
+        == [5, 1]  # one bucket per length; the default (64) gathers all 8 rows into one grid
     torch.manual_seed(0)
     model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32, dropout=0.0, attn_dropout=1e-12)
-    for ids in (uniform, mixed):
-        (a, ga), (b, gb) = _train_and_eval_passes(model, ids, torch.randint(1, 51, (len(ids),)))
-        assert torch.allclose(a, model.dense_forward(ids).detach(), atol=1e-5)
-        assert torch.allclose(a, b, atol=1e-5)
-        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
+    for min_rows in (1, 2, 3, 64):
+        monkeypatch.setattr("raserec.models.layers.PACK_MIN_ROWS", min_rows)
+        for ids in (uniform, mixed, _ids(b=300, seed=3)):
+            (a, ga), (b, gb) = _train_and_eval_passes(model, ids, torch.randint(1, 51, (len(ids),)))
+            assert torch.allclose(a, model.dense_forward(ids).detach(), atol=1e-5)
+            assert torch.allclose(a, b, atol=1e-5)
+            assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
+
+
+def test_item_embeddings_follow_their_rows_through_the_sort() -> None:
+    # Adapters pass transformed history embeddings; the sort by length must carry them with their rows.
+    torch.manual_seed(0)
+    model = SASRec(50, hidden_size=16, max_len=12, num_layers=2, inner_size=32).eval()
+    ids = _lengths_ids([7, 1, 4, 12, 3, 4, 1, 7])
+    emb = model.item_embedding(ids) * 1.5
+    out = model(ids, item_embeddings=emb)
+    assert not torch.allclose(out, model(ids), atol=1e-3)
+    for r in range(len(ids)):  # each row alone (a batch of one is never permuted)
+        assert torch.allclose(out[r], model(ids[r:r + 1], item_embeddings=emb[r:r + 1])[0], atol=1e-5)
 
 
 def test_output_ignores_padding_and_future() -> None:

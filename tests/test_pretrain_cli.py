@@ -166,6 +166,25 @@ def test_resume_reaches_the_same_weights(tmp_path: Path) -> None:
         assert torch.equal(x, y), name
 
 
+def test_rng_states_cover_cuda_and_survive_a_weights_only_round_trip(tmp_path: Path) -> None:
+    from raserec.evaluation.module import rng_states, set_rng_states
+
+    states = rng_states()
+    assert isinstance(states["cuda"], list)  # one state per CUDA device ([] on a CPU-only machine)
+    assert len(states["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    torch.save(states, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    first = [torch.rand(4, device=d) for d in devices]
+    set_rng_states(loaded)
+    assert all(torch.equal(torch.rand(4, device=d), x) for d, x in zip(devices, first, strict=True))
+    # a checkpoint saved before CUDA states were kept (or on another machine) still restores the rest
+    set_rng_states({k: v for k, v in loaded.items() if k != "cuda"})
+    assert torch.equal(torch.rand(4), first[0])
+    set_rng_states({**loaded, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 3})
+    assert torch.equal(torch.rand(4), first[0])
+
+
 def _test_metrics(tmp: Path, ckpt: Path, devices: int) -> dict[str, float]:
     result = tmp / f"ddp{devices}.json"
     cmd = [sys.executable, "-m", "raserec.cli", "test", "--config", str(CONFIGS / "beauty_pretrain.yaml"),

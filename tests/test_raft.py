@@ -283,6 +283,12 @@ def test_callback_save_dir_reuses_matching_banks_only(data_and_ckpt, tmp_path: P
     assert third.bank_callback.num_builds == 1 and third.bank_callback.num_loads == 0
     with pytest.raises(CheckpointError, match="stale"):
         MemoryBank.load(tmp_path / dm.reference_version("fit"), expected_encoder=first.encoder)
+    # the same encoder and data but another input window: other prefixes, so another bank
+    short = _dm(data, max_len=5)
+    assert short.reference_version("fit") != dm.reference_version("fit")
+    fourth = _module(ckpt, save_dir=str(tmp_path))
+    _trainer().validate(fourth, datamodule=short)
+    assert fourth.bank_callback.num_builds == 1 and fourth.bank_callback.num_loads == 0
 
 
 # ----------------------------------------------------------------------------- CLI on Beauty

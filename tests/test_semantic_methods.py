@@ -61,6 +61,23 @@ def test_substitution_never_touches_padding_or_items_without_neighbours() -> Non
     assert 0.17 < changed < 0.23
 
 
+def test_sracl_views_of_one_batch_differ_and_leave_the_input_alone(slice_dm, slice_space) -> None:
+    # In-place augmentation would make both views (and the CE's input) the same tensor.
+    objective = SRACLIntraUser(0.1, slice_space.config, substitution=0.2)
+    objective.setup(slice_dm)
+    batch = next(iter(slice_dm.train_dataloader()))
+    before = batch["input_ids"].clone()
+    torch.manual_seed(0)
+    views = objective.views(batch)
+    a, b = views["substituted_a"], views["substituted_b"]
+    assert torch.equal(batch["input_ids"], before)
+    assert a.data_ptr() != b.data_ptr() and not torch.equal(a, b)
+    real = before > 0
+    for view in (a, b):
+        assert torch.equal(view[~real], before[~real])  # padding stays padding
+        assert 0.1 < float((view != before)[real].float().mean()) < 0.3  # p = 0.2 of items with neighbours
+
+
 # ------------------------------------------------------------- synthesiser
 def test_synthesiser_weights_sum_to_one_over_real_neighbours() -> None:
     torch.manual_seed(0)

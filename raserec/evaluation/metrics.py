@@ -34,6 +34,10 @@ def relative_change_pct(new, old):
     """``100 (new - old) / old``; ``None`` when ``old`` is a zero number (works on floats and on
     polars expressions, where ``old`` is the baseline's value)."""
     if isinstance(old, (int, float)) and old == 0:
+        if type(new).__module__.startswith("polars"):  # an expression: a null column, not None
+            import polars as pl
+
+            return pl.lit(None, dtype=pl.Float64)
         return None
     return 100.0 * (new - old) / old
 

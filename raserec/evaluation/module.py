@@ -21,17 +21,26 @@ from raserec.evaluation.ranking import product_ranks, top_items
 
 
 def rng_states() -> dict[str, Any]:
-    """torch, numpy and Python RNG states as plain types (loadable with ``weights_only=True``)."""
+    """torch (CPU and every CUDA device), numpy and Python RNG states as plain types (loadable with
+    ``weights_only=True``). Without the CUDA states a resumed GPU run would draw other dropout
+    masks than an uninterrupted one."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore :func:`rng_states`. CUDA states are restored when the run has as many devices as
+    the states (a GPU checkpoint resumed on a CPU, or a checkpoint from before they were saved,
+    keeps the current CUDA states)."""
     torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     kind, keys, *rest = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = states["python"]

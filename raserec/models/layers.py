@@ -88,86 +88,95 @@ class SelfAttentionBlock(nn.Module):
         return self._post(x, ctx)
 
     def forward_packed(self, x: Tensor, layout: PackedLayout, last_only: bool = False) -> Tensor:
-        """Packed form: ``x`` is ``[n_real, d]`` (real tokens only). Attention runs per length
-        bucket on a grid only as wide as that bucket's longest sequence. With ``last_only`` only
-        each sequence's last position is computed and ``[B, d]`` is returned."""
+        """Packed form: ``x`` is ``[n_real, d]``, the real tokens of the length-sorted rows
+        (:class:`PackedLayout`). Attention runs per bucket: on a view of the tokens when the bucket
+        holds one length, else on a left-padded grid as wide as its longest row. With
+        ``last_only`` only each row's last position is computed and ``[B, d]`` (sorted rows) is
+        returned."""
         d = x.size(1)
         qkv = self.qkv(x)
+        # split (not slicing) so that backward is one concatenation, not a zero-filled copy per bucket
+        chunks = qkv.split([b.tokens for b in layout.buckets]) if len(layout.buckets) > 1 else (qkv,)
         parts = []
-        for bucket in layout.buckets:
-            n, w = bucket.rows.numel(), bucket.width
-            if bucket.full:
-                # Every sequence fills the grid: no padding slots to zero, no mask beyond causality
-                # (a batch of one length, as the bank encodes, is the packed tensor itself).
-                grid = qkv if layout.identity else qkv.index_select(0, bucket.tokens)
-                mask = None
-            else:
-                grid = qkv.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, qkv.index_select(0, bucket.tokens))
-                mask = bucket.mask
-            q, k, v = grid.view(n, w, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        for bucket, chunk in zip(layout.buckets, chunks, strict=True):
+            n, w = bucket.rows, bucket.width
+            if bucket.grid_pos is not None:
+                chunk = chunk.new_zeros(n * w, 3 * d).index_copy(0, bucket.grid_pos, chunk)
+            q, k, v = chunk.view(n, w, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
             if last_only:
-                # The last query sees every real key: no causal cut for a full bucket.
-                last_mask = None if mask is None else mask[:, :, -1:]
+                # The last query sees every real key: no causal cut for a single-length bucket.
+                last_mask = None if bucket.mask is None else bucket.mask[:, :, -1:]
                 parts.append(self._attend(q[:, :, -1:], k, v, last_mask).reshape(n, d))
             else:
-                ctx = self._attend(q, k, v, mask, is_causal=True).transpose(1, 2).reshape(n * w, d)
-                parts.append(ctx if bucket.full else ctx.index_select(0, bucket.grid_pos))
-        if layout.identity:
-            ctx = parts[0]
-        else:
-            ctx = torch.cat(parts).index_select(0, layout.row_inverse if last_only else layout.token_inverse)
+                ctx = self._attend(q, k, v, bucket.mask, is_causal=True).transpose(1, 2).reshape(n * w, d)
+                parts.append(ctx if bucket.grid_pos is None else ctx.index_select(0, bucket.grid_pos))
+        ctx = torch.cat(parts) if len(parts) > 1 else parts[0]
         residual = x.index_select(0, layout.last_token) if last_only else x
         return self._post(residual, ctx)
 
 
-class _Bucket(NamedTuple):
-    rows: Tensor  # sequences in this bucket
-    width: int  # longest sequence in the bucket
-    tokens: Tensor  # packed indices of their tokens, bucket-grid order
-    grid_pos: Tensor  # position of each of those tokens in the flat [rows * width] grid
-    mask: Tensor  # [rows, 1, width, width] causal + padding mask
-    full: bool  # every sequence of the bucket is exactly ``width`` long (no padding in its grid)
+#: Fewest rows a length bucket of :class:`PackedLayout` gathers before it closes. A bucket holding
+#: one length is a view of the packed tokens (no grid, no mask); one of several lengths is padded
+#: into a grid. 64 was the fastest of 1, 32, 64 and 128 on the 2-core CPU (2026-12-04, encoder
+#: forward + backward in training mode): SRA-CL's 3,328-row steps 669 -> 383 ms against the
+#: power-of-two buckets used before, us_x's 768 rows 59 -> 58 ms, a SASRec batch of 1,024 69 -> 66
+#: ms; one bucket per length (1) lost on the small batches (70 and 80 ms: too many small calls).
+PACK_MIN_ROWS = 64
 
 
 class PackedLayout(NamedTuple):
-    """Where every real token of a left-padded batch lives, packed and per length bucket."""
+    """Where every real token of a left-padded batch lives once its rows are *sorted by length*
+    (``order``): the packed tokens of each bucket of consecutive lengths are then one contiguous
+    run, so a bucket of a single length is a view of them and needs no grid."""
 
+    order: Tensor  # sorted position -> batch row (stable sort by length)
+    inverse: Tensor  # batch row -> sorted position
+    sorted_rows: bool  # ``order`` is the identity (no permutation needed)
     buckets: list[_Bucket]
-    token_inverse: Tensor  # concatenated bucket tokens -> packed order
-    row_inverse: Tensor  # concatenated bucket rows -> batch order
-    last_token: Tensor  # packed index of each sequence's last token
-    identity: bool  # one full bucket holding every row: the packed tensor is the grid, in order
+    last_token: Tensor  # packed (sorted) index of each sorted row's last token
 
     @staticmethod
-    def build(input_ids: Tensor) -> PackedLayout:
+    def build(input_ids: Tensor, min_rows: int | None = None) -> PackedLayout:
+        """The layout of a left-padded ``[B, T]`` batch; buckets close once they hold ``min_rows``
+        rows (default :data:`PACK_MIN_ROWS`)."""
+        min_rows = PACK_MIN_ROWS if min_rows is None else min_rows
         real = input_ids > 0
         if bool((~real[:, -1]).any()):
             raise ValueError("empty input sequence (all padding) in the batch")
         lengths = real.sum(1)
-        b, t = input_ids.shape
-        ends = lengths.cumsum(0)  # packed tokens are row-major, so row r owns [ends[r] - len, ends[r])
-        starts = ends - lengths
-        # Power-of-two length buckets keep attention close to sum(len^2) instead of B * T^2.
-        bucket_of = torch.ceil(torch.log2(lengths.double())).long()
-        buckets, all_tokens, all_rows = [], [], []
-        for key in torch.unique(bucket_of).tolist():
-            rows = (bucket_of == key).nonzero().squeeze(1)
-            lens = lengths[rows]
-            w = int(lens.max())
-            col = torch.arange(w, device=input_ids.device)
-            valid = col.unsqueeze(0) >= (w - lens).unsqueeze(1)  # [n, w] left padding
-            offset = col.unsqueeze(0) - (w - lens).unsqueeze(1)
-            tokens = (starts[rows].unsqueeze(1) + offset)[valid]
-            grid_pos = (torch.arange(rows.numel(), device=input_ids.device).unsqueeze(1) * w + col)[valid]
-            causal = torch.ones(w, w, dtype=torch.bool, device=input_ids.device).tril()
-            mask = (causal & valid[:, None, :]).unsqueeze(1)
-            buckets.append(_Bucket(rows, w, tokens, grid_pos, mask, bool((lens == w).all())))
-            all_tokens.append(tokens)
-            all_rows.append(rows)
-        return PackedLayout(
-            buckets,
-            torch.argsort(torch.cat(all_tokens)),
-            torch.argsort(torch.cat(all_rows)),
-            ends - 1,
-            len(buckets) == 1 and buckets[0].full,
-        )
+        order = torch.argsort(lengths, stable=True)
+        lens = lengths.index_select(0, order)
+        device = input_ids.device
+        values, counts = torch.unique_consecutive(lens, return_counts=True)
+        runs, current, rows = [], [], 0
+        for length, count in zip(values.tolist(), counts.tolist(), strict=True):
+            current.append((length, count))
+            rows += count
+            if rows >= min_rows:
+                runs.append(current)
+                current, rows = [], 0
+        if current:
+            runs.append(current)
+        buckets = []
+        for run in runs:
+            n, width = sum(c for _, c in run), run[-1][0]
+            tokens = sum(length * c for length, c in run)
+            if len(run) == 1:
+                buckets.append(_Bucket(n, width, tokens, None, None))
+                continue
+            blens = torch.cat([torch.full((c,), length, device=device) for length, c in run])
+            col = torch.arange(width, device=device)
+            valid = col.unsqueeze(0) >= (width - blens).unsqueeze(1)  # [n, w] left padding
+            grid_pos = (torch.arange(n, device=device).unsqueeze(1) * width + col)[valid]
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            buckets.append(_Bucket(n, width, tokens, grid_pos, (causal & valid[:, None, :]).unsqueeze(1)))
+        sorted_rows = bool((order == torch.arange(len(order), device=device)).all())
+        return PackedLayout(order, torch.argsort(order), sorted_rows, buckets, lens.cumsum(0) - 1)
+
+
+class _Bucket(NamedTuple):
+    rows: int  # sequences in this bucket (consecutive in the sorted order)
+    width: int  # longest sequence in the bucket
+    tokens: int  # real tokens of its rows (a contiguous run of the packed tokens)
+    grid_pos: Tensor | None  # of each token in the flat [rows * width] grid; None: one length, no grid
+    mask: Tensor | None  # [rows, 1, width, width] causal + padding mask; None: causality only

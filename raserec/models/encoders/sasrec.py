@@ -1,8 +1,9 @@
 """SASRec (Kang and McAuley, 2018) as the RaSeRec authors configure it (RecBole layout).
 
 The forward pass is *packed*: per-token layers (projections, feed-forward, LayerNorm, dropout)
-run only on real tokens, attention runs per length bucket on grids only as wide as the bucket's
-longest sequence, and the last block computes queries only at the last position, the only
+run only on real tokens of the batch's rows sorted by length, attention runs per bucket of
+consecutive lengths (a view of the tokens when the bucket holds one length, else a grid only as
+wide as its longest row), and the last block computes queries only at the last position, the only
 output the model reads. Padding tokens never influence real ones (their keys are masked),
 so this gives the same representation as the dense computation in :meth:`SASRec.dense_forward`
 (a test checks it) at a fraction of the cost on short sequences.
@@ -48,15 +49,19 @@ class SASRec(TransformerEncoder):
         """User representation ``[B, d]``. ``item_embeddings`` (``[B, T, d]``) optionally replaces
         the table lookup of ``input_ids`` (adapters such as Ada-Retrieval's IRA transform the
         history embeddings before positions and LayerNorm); ``input_ids`` still gives the mask."""
-        positions, real, _ = self._prepare(input_ids, with_mask=False)
         layout = PackedLayout.build(input_ids)
+        b, t = input_ids.shape
+        cells = torch.arange(b * t, device=input_ids.device).view(b, t)
+        if not layout.sorted_rows:  # rows sorted by length: each bucket's tokens are one run
+            input_ids, cells = input_ids.index_select(0, layout.order), cells.index_select(0, layout.order)
+        positions, real, _ = self._prepare(input_ids, with_mask=False)
         flat_real = real.reshape(-1)
-        pos = positions.repeat(input_ids.size(0))[flat_real]
+        pos = positions.repeat(b)[flat_real]
         if item_embeddings is None:
             emb = self.item_embedding(input_ids.reshape(-1)[flat_real])
-        else:
-            emb = item_embeddings.reshape(-1, item_embeddings.size(-1))[flat_real]
+        else:  # gather only the real cells, in sorted order
+            emb = item_embeddings.reshape(b * t, -1).index_select(0, cells.reshape(-1)[flat_real])
         x = self.embed(emb, pos)
         for i, block in enumerate(self.blocks):
             x = block.forward_packed(x, layout, last_only=i == len(self.blocks) - 1)
-        return x
+        return x if layout.sorted_rows else x.index_select(0, layout.inverse)
