@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import polars as pl
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -34,11 +35,8 @@ def relative_change_pct(new, old):
     """``100 (new - old) / old``; ``None`` when ``old`` is a zero number (works on floats and on
     polars expressions, where ``old`` is the baseline's value)."""
     if isinstance(old, (int, float)) and old == 0:
-        if type(new).__module__.startswith("polars"):  # an expression: a null column, not None
-            import polars as pl
-
-            return pl.lit(None, dtype=pl.Float64)
-        return None
+        # an expression gets a null column (None is not an expression and breaks the select)
+        return pl.lit(None, dtype=pl.Float64) if isinstance(new, pl.Expr) else None
     return 100.0 * (new - old) / old
 
 

@@ -51,15 +51,15 @@ class SASRec(TransformerEncoder):
         history embeddings before positions and LayerNorm); ``input_ids`` still gives the mask."""
         layout = PackedLayout.build(input_ids)
         b, t = input_ids.shape
-        cells = torch.arange(b * t, device=input_ids.device).view(b, t)
         if not layout.sorted_rows:  # rows sorted by length: each bucket's tokens are one run
-            input_ids, cells = input_ids.index_select(0, layout.order), cells.index_select(0, layout.order)
+            input_ids = input_ids.index_select(0, layout.order)
         positions, real, _ = self._prepare(input_ids, with_mask=False)
         flat_real = real.reshape(-1)
         pos = positions.repeat(b)[flat_real]
         if item_embeddings is None:
             emb = self.item_embedding(input_ids.reshape(-1)[flat_real])
-        else:  # gather only the real cells, in sorted order
+        else:  # gather only the real cells, in sorted order: cell (r, c) is row order[r]'s column c
+            cells = layout.order.unsqueeze(1) * t + torch.arange(t, device=input_ids.device)
             emb = item_embeddings.reshape(b * t, -1).index_select(0, cells.reshape(-1)[flat_real])
         x = self.embed(emb, pos)
         for i, block in enumerate(self.blocks):
