@@ -510,3 +510,20 @@ def test_bf16_mixed_raft_trains_the_ram_and_keeps_keys_float32(data_and_ckpt) ->
     bf16 = _trainer(precision="bf16-mixed").validate(module, datamodule=dm, verbose=False)[0]
     fp32 = _trainer().validate(module, datamodule=dm, verbose=False)[0]
     assert bf16 == fp32
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf_flat"])
+def test_raft_test_metrics_do_not_depend_on_eval_batch_size(data_and_ckpt, index: str) -> None:
+    """RecBole #1556: the same model and bank give the same test metrics whatever the eval batch
+    size (7 puts faiss on its per-query path and leaves a ragged last batch; 128 on its BLAS path)."""
+    data, ckpt = data_and_ckpt
+    module = _module(ckpt, index=index, nprobe=2)
+    with torch.no_grad():  # a RAM that is not the identity, so the memories matter
+        for p in module.ram.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    results = []
+    for eval_batch_size in (128, 7):
+        dm = synthetic_dm(data, batch_size=64, eval_batch_size=eval_batch_size)
+        results.append(_trainer(limit_test_batches=None).test(module, datamodule=dm, verbose=False)[0])
+    assert results[0] == results[1]
+    assert results[0]["test/NDCG@10"] > 0
