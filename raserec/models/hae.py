@@ -50,6 +50,9 @@ class HAEConfig:
     """Add the MLP's output to the ID embedding (``e_t + MLP([...])``) instead of replacing it:
     the ID path reaches the backbone unchanged and HAE learns a correction (the note's appendix
     A.3 view ``W_e e_u + W_c e_c``); off: the note's reconstruction, ``MLP([...])`` alone."""
+    adapter_hidden: int | None = None
+    """Width of the item and user adapters' middle layer (the note: adapter sizes unknown);
+    ``None``: ``max(D / 2, d)``, LLM-ESR's ``Linear(D, D/2) -> Linear(D/2, d)``."""
 
     def __post_init__(self) -> None:
         if self.score_fn not in ("sigmoid", "softmax"):
@@ -58,13 +61,15 @@ class HAEConfig:
             raise ConfigError(f"hae.norm must be 'layernorm' or 'length', got {self.norm!r}")
         if not (self.use_self or self.use_similar or self.use_global or self.include_id):
             raise ConfigError("hae: at least one of use_self, use_similar, use_global, include_id must be on")
+        if self.adapter_hidden is not None and self.adapter_hidden < 1:
+            raise ConfigError(f"hae.adapter_hidden must be >= 1 (or null), got {self.adapter_hidden}")
 
 
 class Adapter(nn.Sequential):
-    """``Linear(D, D/2) -> Linear(D/2, d)`` (LLM-ESR's adapter shape)."""
+    """``Linear(D, mid) -> Linear(mid, d)``; ``mid`` defaults to ``max(D/2, d)`` (LLM-ESR's shape)."""
 
-    def __init__(self, semantic_dim: int, hidden_size: int) -> None:
-        mid = max(semantic_dim // 2, hidden_size)
+    def __init__(self, semantic_dim: int, hidden_size: int, mid: int | None = None) -> None:
+        mid = mid or max(semantic_dim // 2, hidden_size)
         super().__init__(nn.Linear(semantic_dim, mid), nn.Linear(mid, hidden_size))
 
 
@@ -80,8 +85,8 @@ class HolisticAttention(nn.Module):
     def __init__(self, semantic_dim: int, hidden_size: int, config: HAEConfig = HAEConfig()) -> None:
         super().__init__()
         self.config = config
-        self.item_adapter = Adapter(semantic_dim, hidden_size)
-        self.user_adapter = Adapter(semantic_dim, hidden_size)
+        self.item_adapter = Adapter(semantic_dim, hidden_size, config.adapter_hidden)
+        self.user_adapter = Adapter(semantic_dim, hidden_size, config.adapter_hidden)
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)

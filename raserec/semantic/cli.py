@@ -29,6 +29,8 @@ from raserec.semantic.text import item_text_path
 
 log = logging.getLogger(__name__)
 
+_DEFAULTS = SemanticConfig()
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raserec embed", description=__doc__.split("\n\n")[0],
@@ -44,7 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS))
     p.add_argument("--k", type=int, default=10, help="neighbours per item / prefix")
     p.add_argument("--prefixes", action="store_true", help="also the training prefixes' vectors and neighbours")
-    p.add_argument("--prefix-vectors", default="text", choices=("text", "mean_items"))
+    p.add_argument("--prefix-vectors", default=_DEFAULTS.prefix_vectors, choices=("text", "mean_items"),
+                   help="a prefix's vector: its title list embedded as text, or the mean of its items' vectors "
+                   "(what configs/*_sracl.yaml and *_grasp.yaml use)")
+    p.add_argument("--prefix-window", type=int, default=_DEFAULTS.prefix_window,
+                   help="most recent items of a prefix rendered into its text (--prefix-vectors text)")
+    p.add_argument("--include-same-user", action="store_true",
+                   help="let a prefix's neighbours be the same user's other prefixes (the official SRA-CL rule; "
+                   "they contain its target)")
     p.add_argument("--max-len", type=int, default=50, help="data.max_len of the runs that will read this")
     p.add_argument("--cache-dir", default=".cache/semantic", help="texts, embeddings and neighbours cache")
     p.add_argument("--data-cache-dir", default=".cache/datasets", help="prepared-dataset cache (as data.cache_dir)")
@@ -64,7 +73,8 @@ def main(argv: list[str]) -> int:
     item_text_path(args.text, args.data)  # a missing text file fails here, before the data is read
     config = SemanticConfig(text_source=args.text, generator=args.generator, generator_path=args.generator_path,
                             base_url=args.base_url, llm_model=args.llm_model, embedder=args.embedder, k=args.k,
-                            prefix_vectors=args.prefix_vectors, cache_dir=args.cache_dir)
+                            prefix_vectors=args.prefix_vectors, prefix_window=args.prefix_window,
+                            exclude_same_user=not args.include_same_user, cache_dir=args.cache_dir)
     dm = SequenceDataModule(args.data, max_len=args.max_len, cache_dir=args.data_cache_dir)
     space = SemanticSpace(dm, config, progress=not args.no_progress)
     # Everything is computed (and cached) before OUT_DIR is touched.

@@ -262,7 +262,13 @@ def load_checked(path: Path, key: str) -> np.ndarray | None:
     meta = path.with_suffix(".json")
     if not meta.is_file():
         raise DataError(f"{path}: cache file without its manifest {meta.name}; delete it to recompute")
-    record = json.loads(meta.read_text())
+    try:
+        record = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: its manifest {meta.name} is not a JSON object (cut or edited); delete both to "
+                        "recompute")
     if record.get("key") != key or record.get("sha256") != _file_digest(path):
         raise DataError(f"{path}: cache file does not match its manifest {meta.name}; delete both to recompute")
     matrix = np.load(path, allow_pickle=False)

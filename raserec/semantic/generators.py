@@ -3,14 +3,17 @@ that gets embedded.
 
 - ``template``: no LLM; the prompt's own text (the papers' "w/o LLM" ablation; label runs so).
 - ``precomputed``: responses from a JSON-lines file ``{"key": ..., "text": ...}`` (keys: item ids
-  as strings, or prefix keys ``"<user>:<end>"``); a key without a response falls back to the
-  template text, counted in the log.
+  as strings); a key without a response falls back to the template text, counted in the log.
 - ``openai_compatible``: a chat-completions endpoint (a user's vLLM / llama.cpp server or an
   API): base URL + model, temperature 0, retries.
 
-Every generated text goes through :func:`generate_cached`: a JSON-lines cache keyed by sha256 of
-(generator identity, prompt), appended as responses arrive, so an interrupted run resumes and a
-changed prompt or generator never reuses a stale text.
+Every generated text of a generator that does real work (``needs_cache``) goes through
+:func:`generate_cached`: a JSON-lines cache keyed by sha256 of (generator identity, prompt),
+appended as responses arrive, so an interrupted run resumes and a changed prompt or generator never
+reuses a stale text. Each cached line carries a digest of its key and text: a line edited by hand
+is refused, a line cut by an interrupted write is asked for again. ``template`` and
+``precomputed`` are lookups, not cached (a precomputed response belongs to an item key, not to a
+prompt: two items with the same template text may have different responses).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ SYSTEM_PROMPT = ("You are a recommendation expert. Describe the item (or summari
 
 
 class TextGenerator(Protocol):
+    needs_cache: bool
+    """Whether responses are worth caching (an LLM call) or a cheap lookup (template, file)."""
+
     def identity(self) -> dict[str, object]:
         """What determines the outputs (the cache key)."""
         ...
@@ -47,6 +53,8 @@ class TextGenerator(Protocol):
 
 class TemplateGenerator:
     """No LLM: the text is the prompt itself (the item's fields rendered as text)."""
+
+    needs_cache = False
 
     def identity(self) -> dict[str, object]:
         return {"name": "template"}
@@ -59,8 +67,10 @@ class PrecomputedGenerator:
     """Responses read from a JSON-lines file of ``{"key": str, "text": str}`` objects.
 
     Args:
-        path: the file; its sha256 is part of the cache identity.
+        path: the file; its sha256 is part of the generator's identity.
     """
+
+    needs_cache = False
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -103,6 +113,8 @@ class OpenAICompatibleGenerator:
             cached).
         timeout_s: per-request timeout.
     """
+
+    needs_cache = True
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
                  top_p: float = 0.001, max_tokens: int = 200, retries: int = 3, timeout_s: float = 60.0) -> None:
@@ -170,25 +182,40 @@ def _text_key(identity: dict[str, object], prompt: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode() + b"\x00" + prompt.encode()).hexdigest()
 
 
+def _line_digest(key: str, text: str) -> str:
+    return hashlib.sha256(key.encode() + b"\x00" + text.encode()).hexdigest()[:16]
+
+
+def _read_text_cache(path: Path) -> dict[str, str]:
+    """The cached texts of ``path``; a line cut by an interrupted write is skipped (asked for
+    again), a complete line whose digest does not match its text is refused."""
+    known: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            key, text, digest = record["k"], record["text"], record["sha"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if not (isinstance(key, str) and isinstance(text, str)) or digest != _line_digest(key, text):
+            raise DataError(f"{path}:{number}: a cached text that does not match its digest (edited?); "
+                            "delete the file to generate the texts again")
+        known[key] = text
+    return known
+
+
 def generate_cached(generator: TextGenerator, keys: Sequence[str], prompts: Sequence[str],
                     cache_dir: str | Path | None, progress: bool = False, chunk: int = 32) -> list[str]:
     """``generator.generate(keys, prompts)``, each response cached under sha256(identity, prompt) in
-    ``cache_dir/texts-<generator>.jsonl`` (appended chunk by chunk, so a stopped run resumes)."""
+    ``cache_dir/texts-<generator>.jsonl`` (appended chunk by chunk, so a stopped run resumes).
+    Lookup generators (``needs_cache`` false) are called directly."""
     if len(keys) != len(prompts):
         raise ValueError("keys and prompts differ in length")
     identity = generator.identity()
-    if identity.get("name") == "template" or cache_dir is None:
+    if not getattr(generator, "needs_cache", True) or cache_dir is None:
         return generator.generate(keys, prompts)
     tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"texts-{identity['name']}-{tag}.jsonl"
-    known: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                known[record["k"]] = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interrupted write: that response is asked for again
+    known = _read_text_cache(path) if path.is_file() else {}
     text_keys = [_text_key(identity, p) for p in prompts]
     todo = [i for i, k in enumerate(text_keys) if k not in known]
     if todo:
@@ -200,6 +227,7 @@ def generate_cached(generator: TextGenerator, keys: Sequence[str], prompts: Sequ
                 texts = generator.generate([keys[i] for i in rows], [prompts[i] for i in rows])
                 for i, text in zip(rows, texts, strict=True):
                     known[text_keys[i]] = text
-                    out.write(json.dumps({"k": text_keys[i], "text": text}) + "\n")
+                    record = {"k": text_keys[i], "text": text, "sha": _line_digest(text_keys[i], text)}
+                    out.write(json.dumps(record) + "\n")
                 out.flush()
     return [known[k] for k in text_keys]

@@ -10,8 +10,11 @@ Choices where the note marks the method unknown (each a setting):
 - Similar users: the ``similar_users`` nearest *users* by cosine between ``s_u`` and each user's
   training-part vector (the same mean over the last ``prefix_window`` of its first ``n - 2``
   items), the query's own user always
-  excluded (its training part holds its training targets); ``s~_u`` is their mean.
-- Similar items: ``s~_i`` is the mean vector of item i's ``semantic.k`` semantic neighbours.
+  excluded (its training part holds its training targets); ``s~_u`` pools them (``pooling``).
+- Similar items: ``s~_i`` pools the vectors of item i's ``semantic.k`` semantic neighbours
+  (``pooling``: ``mean``, the default, or ``similarity``, weights proportional to the cosine
+  similarity, negative similarities weighing 0).
+- Adapter sizes (``hae.adapter_hidden``) and the HAE branches (``hae``) are switches too.
 - The loss is read at the last position only (the framework's pair training), which removes the
   note's within-sequence leakage of a whole-history user context.
 - Scoring uses the ID embeddings E[v] (the backbone's own output layer).
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,6 +51,19 @@ from raserec.semantic.space import SemanticConfig, mean_item_vectors, semantic_s
 from raserec.typed_config import coerce_config
 
 
+def pool(members: Tensor, query: Tensor, valid: Tensor | None, how: str) -> Tensor:
+    """Pool ``members`` ``[B, k, D]`` (``valid`` ``[B, k]`` marks real ones; ``None``: all) into
+    ``[B, D]``: their mean, or with ``how == "similarity"`` their mean weighted by the cosine
+    similarity to ``query`` ``[B, D]`` (negative weigh 0; rows whose weights are all 0 take the mean)."""
+    weights = torch.ones(members.shape[:2], dtype=members.dtype, device=members.device)
+    if valid is not None:
+        weights = weights * valid
+    if how == "similarity":
+        sim = torch.einsum("bkd,bd->bk", members, query).clamp_min(0) * weights
+        weights = torch.where(sim.sum(1, keepdim=True) > 0, sim, weights)
+    return torch.einsum("bk,bkd->bd", weights, members) / weights.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 class GRASPModule(PretrainModule):
     """A backbone with GRASP's semantic input enhancement, trained with next-item CE.
 
@@ -58,6 +74,9 @@ class GRASPModule(PretrainModule):
             ``mean_items`` (user vectors are computed in the forward pass).
         hae: the HAE switches (:class:`~raserec.models.hae.HAEConfig`).
         similar_users: N, the similar users pooled into ``s~_u`` (paper: 10).
+        pooling: how ``s~_u`` and ``s~_i`` pool their neighbours: ``mean`` or ``similarity``
+            (cosine-weighted mean; negative similarities weigh 0; all-zero weights fall back to
+            the mean). The note does not say.
         lr: Adam learning rate (the optimiser, metrics and prediction settings are
             :class:`~raserec.evaluation.module.RecommenderModule`'s).
     """
@@ -69,6 +88,7 @@ class GRASPModule(PretrainModule):
         semantic: SemanticConfig = SemanticConfig(prefix_vectors="mean_items"),
         hae: HAEConfig = HAEConfig(),
         similar_users: int = 10,
+        pooling: Literal["mean", "similarity"] = "mean",
         lr: float = 1e-3, weight_decay: float = 0.0, metric_ks: Sequence[int] = (5, 10, 20, 50),
         mask_history: bool = False, predict_top_n: int = 10,
     ) -> None:
@@ -78,6 +98,8 @@ class GRASPModule(PretrainModule):
             raise ConfigError("GRASP computes user vectors in the forward pass: semantic.prefix_vectors must be "
                               "'mean_items'")
         check(similar_users >= 1, f"similar_users must be >= 1, got {similar_users}")
+        if pooling not in ("mean", "similarity"):
+            raise ConfigError(f"pooling must be 'mean' or 'similarity', got {pooling!r}")
         super().__init__(num_items, encoder, positive_pair="none", objectives=[NextItemCE()], lr=lr,
                          weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
                          predict_top_n=predict_top_n)
@@ -85,6 +107,7 @@ class GRASPModule(PretrainModule):
         self.hparams["hae"] = asdict(hae)
         self.semantic = semantic
         self.similar_users = similar_users
+        self.pooling = pooling
         dim = EMBEDDERS[semantic.embedder]().dim
         self.hae = HolisticAttention(dim, self.encoder.hidden_size, hae)
         # Filled from the data at setup (every stage), never saved: they are a deterministic,
@@ -109,8 +132,8 @@ class GRASPModule(PretrainModule):
         space = semantic_space(dm, self.semantic)
         vectors = space.item_vectors
         neighbours = space.item_neighbours
-        has = neighbours > 0
-        similar = (vectors[neighbours] * has[..., None]).sum(1) / np.maximum(has.sum(1, keepdims=True), 1)
+        similar = pool(torch.from_numpy(vectors[neighbours]), torch.from_numpy(vectors),
+                       torch.from_numpy(neighbours > 0), self.pooling).numpy()
         device = self.encoder.item_embedding.weight.device
         self.item_semantic = torch.from_numpy(vectors).to(device)
         self.similar_semantic = torch.from_numpy(similar.astype(np.float32)).to(device)
@@ -146,7 +169,7 @@ class GRASPModule(PretrainModule):
             top = self.eval_similar[2 - offset, users]  # validation (n - 2) and test (n - 1) queries: precomputed
         else:
             top = self._similar(user, users)
-        return user, self.user_bank[top].mean(1)
+        return user, pool(self.user_bank[top], user, None, self.pooling)
 
     def user_representation(self, batch: SequenceBatch, training: bool = False) -> Tensor:
         if self.item_semantic.numel() == 0:

@@ -28,7 +28,7 @@ from raserec.errors import ConfigError, check
 from raserec.semantic.embedders import embed_cached, load_checked, make_embedder, save_checked
 from raserec.semantic.generators import generate_cached, make_generator
 from raserec.semantic.neighbours import item_neighbours, semantic_neighbours
-from raserec.semantic.text import item_titles, load_item_text, prefix_texts, render_items
+from raserec.semantic.text import item_text_path, item_titles, load_item_text, prefix_texts, render_items
 
 if TYPE_CHECKING:
     from raserec.data.datamodule import SequenceDataModule
@@ -79,6 +79,20 @@ class SemanticConfig:
         llm = {"template": "template (no LLM)", "precomputed": "precomputed responses"}.get(
             self.generator, f"LLM {self.llm_model}")
         return f"{source}, {llm} + {self.embedder}"
+
+
+def semantic_configs(module: object) -> list[SemanticConfig]:
+    """The semantic settings a module reads: its own ``semantic`` (GRASP, semantic memory keys) and
+    its objectives' (SRA-CL). Empty for methods without item text."""
+    owners = [module, *getattr(module, "objectives", [])]
+    return [o.semantic for o in owners if isinstance(getattr(o, "semantic", None), SemanticConfig)]
+
+
+def check_item_text(module: object, data_path: str | Path) -> None:
+    """Fail with one line naming the missing file when ``module`` needs item text that the data
+    lacks: called by the CLI before the trainer writes anything."""
+    for config in semantic_configs(module):
+        item_text_path(config.text_source, data_path)
 
 
 def _digest(*parts: object) -> str:
