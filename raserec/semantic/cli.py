@@ -48,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefixes", action="store_true", help="also the training prefixes' vectors and neighbours")
     p.add_argument("--prefix-vectors", default=_DEFAULTS.prefix_vectors, choices=("text", "mean_items"),
                    help="a prefix's vector: its title list embedded as text, or the mean of its items' vectors "
-                   "(what configs/*_sracl.yaml and *_grasp.yaml use)")
+                   "(configs/*_sracl.yaml and *_grasp.yaml use mean_items)")
     p.add_argument("--prefix-window", type=int, default=_DEFAULTS.prefix_window,
-                   help="most recent items of a prefix rendered into its text (--prefix-vectors text)")
+                   help="most recent items of a prefix that make its vector (its text, or the mean of their "
+                   "vectors)")
     p.add_argument("--include-same-user", action="store_true",
                    help="let a prefix's neighbours be the same user's other prefixes (the official SRA-CL rule; "
                    "they contain its target)")

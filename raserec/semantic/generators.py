@@ -187,20 +187,43 @@ def _line_digest(key: str, text: str) -> str:
 
 
 def _read_text_cache(path: Path) -> dict[str, str]:
-    """The cached texts of ``path``; a line cut by an interrupted write is skipped (asked for
-    again), a complete line whose digest does not match its text is refused."""
+    """The cached texts of ``path``. The last line, if cut by an interrupted write, is dropped from
+    the file (its response is asked for again); any other unreadable line, or a line whose digest
+    does not match its text, is refused. Lines written before digests existed (no ``sha``) are
+    accepted and the file is rewritten with digests (never paid for again)."""
     known: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    legacy = cut = 0
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            key, text, digest = record["k"], record["text"], record["sha"]
+            key, text = record["k"], record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if not (isinstance(key, str) and isinstance(text, str)) or digest != _line_digest(key, text):
+            if number == len(lines):
+                cut = 1
+                continue
+            raise DataError(f"{path}:{number}: not a cached text (corrupt file); delete it to generate the texts "
+                            "again") from None
+        digest = record.get("sha")
+        if not (isinstance(key, str) and isinstance(text, str)) or (
+                digest is not None and digest != _line_digest(key, text)):
             raise DataError(f"{path}:{number}: a cached text that does not match its digest (edited?); "
                             "delete the file to generate the texts again")
+        legacy += digest is None
         known[key] = text
+    if legacy:
+        log.warning("%s: %d cached texts without a digest (an older cache); rewritten with digests", path, legacy)
+    if legacy or cut:
+        _write_text_cache(path, known)
     return known
+
+
+def _write_text_cache(path: Path, known: dict[str, str]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as out:
+        for key, text in known.items():
+            out.write(json.dumps({"k": key, "text": text, "sha": _line_digest(key, text)}) + "\n")
+    tmp.replace(path)
 
 
 def generate_cached(generator: TextGenerator, keys: Sequence[str], prompts: Sequence[str],

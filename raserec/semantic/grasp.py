@@ -58,10 +58,11 @@ def pool(members: Tensor, query: Tensor, valid: Tensor | None, how: str) -> Tens
     weights = torch.ones(members.shape[:2], dtype=members.dtype, device=members.device)
     if valid is not None:
         weights = weights * valid
+    # Element-wise products, not einsum: a bmm would run in bf16 under autocast.
     if how == "similarity":
-        sim = torch.einsum("bkd,bd->bk", members, query).clamp_min(0) * weights
+        sim = (members * query[:, None, :]).sum(2).clamp_min(0) * weights
         weights = torch.where(sim.sum(1, keepdim=True) > 0, sim, weights)
-    return torch.einsum("bk,bkd->bd", weights, members) / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    return (members * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 class GRASPModule(PretrainModule):

@@ -60,7 +60,8 @@ class SemanticConfig:
     """A prefix's vector: its title list embedded as text (SRA-CL's user text without the LLM), or
     the normalised mean of its items' vectors (no text encoder pass per prefix)."""
     prefix_window: int = 20
-    """Most recent items of a prefix rendered into its text (SRA-CL: 20)."""
+    """Most recent items of a prefix that make its vector: rendered into its text, or averaged
+    (``mean_items``; also GRASP's user vectors). SRA-CL: 20."""
     exclude_same_user: bool = True
     """A prefix's neighbours come from other users (the same user's longer prefixes contain its
     target; the official SRA-CL code only excludes the exact prefix)."""
@@ -81,17 +82,20 @@ class SemanticConfig:
         return f"{source}, {llm} + {self.embedder}"
 
 
-def semantic_configs(module: object) -> list[SemanticConfig]:
-    """The semantic settings a module reads: its own ``semantic`` (GRASP, semantic memory keys) and
-    its objectives' (SRA-CL). Empty for methods without item text."""
-    owners = [module, *getattr(module, "objectives", [])]
+def semantic_configs(module: object, stage: str = "fit") -> list[SemanticConfig]:
+    """The semantic settings ``module`` reads at ``stage``: its own ``semantic`` (GRASP, semantic
+    memory keys: every stage) and, when fitting, its weighted objectives' (SRA-CL's losses are
+    training-only: evaluating an SRA-CL checkpoint needs no text). Empty for methods without text."""
+    owners = [module]
+    if stage == "fit":
+        owners += [o for o in getattr(module, "objectives", []) if getattr(o, "weight", 1.0) > 0]
     return [o.semantic for o in owners if isinstance(getattr(o, "semantic", None), SemanticConfig)]
 
 
-def check_item_text(module: object, data_path: str | Path) -> None:
-    """Fail with one line naming the missing file when ``module`` needs item text that the data
-    lacks: called by the CLI before the trainer writes anything."""
-    for config in semantic_configs(module):
+def check_item_text(module: object, data_path: str | Path, stage: str = "fit") -> None:
+    """Fail with one line naming the missing file when ``module`` needs item text at ``stage``
+    that the data lacks: called by the CLI before the trainer writes anything."""
+    for config in semantic_configs(module, stage):
         item_text_path(config.text_source, data_path)
 
 
