@@ -627,3 +627,14 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
     assert not torch.allclose(mean_users, sim_users)
     with pytest.raises(ConfigError, match="pooling must be"):
         GRASPModule(slice_dm.num_items, make, semantic=semantic, pooling="max")
+    # item_scoring: id_plus_semantic scores with E[v] + f_I(s_v), and the adapter learns from the CE
+    scored = GRASPModule(slice_dm.num_items, make, semantic=semantic, similar_users=3, item_scoring="id_plus_semantic")
+    scored.attach(slice_dm)
+    expected = scored.encoder.item_embedding.weight[1:] + scored.hae.item_adapter(scored.item_semantic[1:])
+    torch.testing.assert_close(scored.item_weights(), expected)
+    assert torch.equal(modules["mean"].item_weights(), modules["mean"].encoder.item_embedding.weight[1:])
+    scored.log = lambda *a, **k: None
+    scored.training_step(next(iter(slice_dm.train_dataloader())), 0).backward()
+    assert scored.hae.item_adapter[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="item_scoring must be"):
+        GRASPModule(slice_dm.num_items, make, semantic=semantic, item_scoring="semantic")

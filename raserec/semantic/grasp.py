@@ -17,7 +17,10 @@ Choices where the note marks the method unknown (each a setting):
 - Adapter sizes (``hae.adapter_hidden``) and the HAE branches (``hae``) are switches too.
 - The loss is read at the last position only (the framework's pair training), which removes the
   note's within-sequence leakage of a whole-history user context.
-- Scoring uses the ID embeddings E[v] (the backbone's own output layer).
+- Scoring uses the ID embeddings E[v] (the backbone's own output layer) by default;
+  ``item_scoring: id_plus_semantic`` scores with ``E[v] + f_I(s_v)`` (the HAE's item adapter on
+  the item's own semantics, LLM-ESR's dual view summed), which costs an adapter pass over every
+  item per training step.
 
 Settings that differ from the paper's (LLM-ESR's) setup, kept so that GRASP is compared with the
 same SASRec as every other row: full-softmax CE at the last position (LLM-ESR: BCE with one
@@ -78,6 +81,8 @@ class GRASPModule(PretrainModule):
         pooling: how ``s~_u`` and ``s~_i`` pool their neighbours: ``mean`` or ``similarity``
             (cosine-weighted mean; negative similarities weigh 0; all-zero weights fall back to
             the mean). The note does not say.
+        item_scoring: the candidates' representation: ``id`` (the ID embeddings) or
+            ``id_plus_semantic`` (``E[v] + f_I(s_v)``). The note does not say.
         lr: Adam learning rate (the optimiser, metrics and prediction settings are
             :class:`~raserec.evaluation.module.RecommenderModule`'s).
     """
@@ -90,6 +95,7 @@ class GRASPModule(PretrainModule):
         hae: HAEConfig = HAEConfig(),
         similar_users: int = 10,
         pooling: Literal["mean", "similarity"] = "mean",
+        item_scoring: Literal["id", "id_plus_semantic"] = "id",
         lr: float = 1e-3, weight_decay: float = 0.0, metric_ks: Sequence[int] = (5, 10, 20, 50),
         mask_history: bool = False, predict_top_n: int = 10,
     ) -> None:
@@ -101,6 +107,8 @@ class GRASPModule(PretrainModule):
         check(similar_users >= 1, f"similar_users must be >= 1, got {similar_users}")
         if pooling not in ("mean", "similarity"):
             raise ConfigError(f"pooling must be 'mean' or 'similarity', got {pooling!r}")
+        if item_scoring not in ("id", "id_plus_semantic"):
+            raise ConfigError(f"item_scoring must be 'id' or 'id_plus_semantic', got {item_scoring!r}")
         super().__init__(num_items, encoder, positive_pair="none", objectives=[NextItemCE()], lr=lr,
                          weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
                          predict_top_n=predict_top_n)
@@ -109,6 +117,7 @@ class GRASPModule(PretrainModule):
         self.semantic = semantic
         self.similar_users = similar_users
         self.pooling = pooling
+        self.item_scoring = item_scoring
         dim = EMBEDDERS[semantic.embedder]().dim
         self.hae = HolisticAttention(dim, self.encoder.hidden_size, hae)
         # Filled from the data at setup (every stage), never saved: they are a deterministic,
@@ -184,6 +193,16 @@ class GRASPModule(PretrainModule):
         x = self.hae(self.encoder.item_embedding(ids), ids, self.item_semantic, self.similar_semantic, user,
                      similar_user)
         return self.encoder(ids, item_embeddings=x)
+
+    def item_weights(self) -> Tensor:
+        """Candidate items ``[N, d]``: the ID embeddings, plus with ``item_scoring:
+        id_plus_semantic`` the item adapter's view of each item's semantics."""
+        weights = self.encoder.item_weights()
+        if self.item_scoring == "id_plus_semantic":
+            if self.item_semantic.numel() == 0:
+                raise RuntimeError("GRASPModule has no semantic tables: call attach(datamodule) or run it in a Trainer")
+            weights = weights + self.hae.item_adapter(self.item_semantic[1:])
+        return weights
 
     def training_step(self, batch: PretrainBatch, batch_idx: int) -> Tensor:
         loss = next_item_loss(self.user_representation(batch, training=True), self.item_weights(), batch["target"])
