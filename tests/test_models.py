@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raserec.models.encoders import SASRec
-from raserec.models.layers import FastDropout, PackedLayout
+from raserec.models.layers import FastDropout, PackedLayout, keep_mask
 from raserec.models.losses import info_nce, next_item_loss
 
 
@@ -116,23 +116,34 @@ def test_sasrec_reference_settings() -> None:
         model(torch.ones(2, 51, dtype=torch.long))
 
 
-def test_fast_dropout_statistics() -> None:
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.2, 0.1777])
+def test_fast_dropout_statistics(p: float) -> None:
+    """Byte draws (p a multiple of 1/256) and float draws (other p) keep each element with
+    probability 1 - p, independently, and scale by 1 / (1 - p)."""
     torch.manual_seed(0)
-    drop = FastDropout(0.5).train()
-    x = torch.ones(200_000)
+    drop = FastDropout(p).train()
+    x = torch.ones(400, 1000)
     y = drop(x)
-    assert abs((y == 0).float().mean().item() - 0.5) < 0.01
-    assert abs(y.mean().item() - 1.0) < 0.01
+    dropped = (y == 0).float()
+    assert abs(dropped.mean().item() - p) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01 and torch.allclose(y[y > 0], torch.tensor(1 / (1 - p)))
+    # independence: neighbouring elements (the bytes of one 64-bit draw) are uncorrelated
+    a, b = dropped[:, :-1].flatten(), dropped[:, 1:].flatten()
+    assert abs((a * b).mean().item() - p * p) < 0.005
+    assert not torch.equal(drop(x), y)  # a fresh draw per call
     assert torch.equal(drop.eval()(x), x)
-    # the same draw gives exactly x * (rand >= p) / (1 - p), in values and in gradients
+    # the same draw gives exactly x * keep_mask, in values and in gradients
     x = torch.randn(64, 8, requires_grad=True)
     torch.manual_seed(1)
     y = drop.train()(x)
     torch.manual_seed(1)
-    keep = (torch.rand_like(x) >= 0.5).float()
-    assert torch.equal(y, x * keep * 2.0)
+    keep = keep_mask(x.detach(), p)
+    assert torch.equal(y, x * keep)
     (grad,) = torch.autograd.grad(y.sum(), x)
-    assert torch.equal(grad, keep * 2.0)
+    assert torch.equal(grad, keep)
+    # odd sizes (not a multiple of 8) and other dtypes
+    odd = keep_mask(torch.ones(3, 5, dtype=torch.float64), p)
+    assert odd.shape == (3, 5) and odd.dtype == torch.float64
 
 
 def test_next_item_loss_excludes_padding() -> None:
