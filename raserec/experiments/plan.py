@@ -47,6 +47,9 @@ PLAN: tuple[Planned, ...] = (
     Planned("sports_sasrec", "--pretrain configs/sports_sasrec.yaml"),
     Planned("sports_grasp", "--pretrain configs/sports_grasp.yaml"),
     Planned("sports_sracl", "--pretrain configs/sports_sracl.yaml"),
+    # The combination row on Sports too (issue 15): semantic memory keys over the Sports RaSeRec encoders.
+    Planned("sports_semkeys_raserec", "--pretrain configs/sports_pretrain.yaml --finetune "
+            "configs/stage/raft_semantic_keys.yaml --data configs/data/sports.yaml --stage1-from sports_raserec"),
     Planned("beauty_ada", "--pretrain configs/beauty_pretrain.yaml --finetune configs/ada_beauty.yaml "
             "--stage1-from beauty_raserec", (2024,)),
     # RaSeRec + Ada-Retrieval (issue 10, item 6): a fresh RAM over memories of the same frozen encoder in every
