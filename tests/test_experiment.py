@@ -241,7 +241,7 @@ def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys
     for seed, ndcg in values.items():
         spec.seed_dir(seed).mkdir(parents=True)
         (spec.seed_dir(seed) / "pretrain.json").write_text(json.dumps({
-            "command": f"raserec fit --seed_everything {seed}", "hardware": "cpu", "dataset": "Beauty",
+            "command": f"raserec fit --seed_everything {seed}", "hardware": f"cpu {seed % 2}", "dataset": "Beauty",
             "model": "SASRec + GRASP", "epochs": 30 + seed, "wall_time_s": 100.0, "notes": "to early stopping",
             "metrics": {"test/NDCG@10": ndcg, "test/HR@10": 2 * ndcg}}))
     # seed 1 left a checkpoint without an encoder record (as GRASP's, whose backbone alone is not
@@ -257,6 +257,7 @@ def test_a_one_stage_experiment_summarises_its_stage_over_seeds(tmp_path, capsys
     assert record["metrics"]["test/NDCG@10_std"] == pytest.approx(np.std([0.03, 0.05], ddof=1))
     assert record["seeds"] == [1, 2] and record["model"] == "SASRec + GRASP" and record["wall_time_s"] == 200.0
     assert record["epochs"] == "31, 32" and summary["metrics"] == record["metrics"]
+    assert record["hardware"] == "cpu 1, cpu 0"  # every machine the seeds ran on, in seed order
     assert "| 2 | — | — | 0.1000 | 0.0500 | 32 | 100 s |" in (tmp_path / "beauty_grasp" / "summary.md").read_text()
     # one seed: no _std keys (only where there are several seeds)
     single = parse_args(["--name", "beauty_grasp", "--pretrain", "configs/beauty_grasp.yaml", "--seeds", "2",

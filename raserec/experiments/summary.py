@@ -54,6 +54,12 @@ def paired_tests(base: np.ndarray, tuned: np.ndarray) -> dict[str, dict[str, flo
     return out
 
 
+def all_hardware(per_seed: list[dict[str, Any]]) -> str:
+    """Every machine the seeds ran on, in seed order, each once (seeds of one experiment often
+    run in different sessions, on different machines)."""
+    return ", ".join(dict.fromkeys(str(e["hardware"]) for e in per_seed if e.get("hardware")))
+
+
 def _stage(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -141,7 +147,7 @@ def summarize(spec) -> dict[str, Any]:
         "paper": paper,
         "per_seed": per_seed,
         "wall_time_s": round(wall, 1),
-        "hardware": per_seed[0]["hardware"],
+        "hardware": all_hardware(per_seed),
         "command": spec.command,
         "notes": _notes(first_fine.get("notes", ""), per_seed, TWO_STAGE_NOTES),
         "model": first_fine.get("model", ""),
@@ -213,7 +219,7 @@ def summarize_single(spec) -> dict[str, Any]:
         "name": spec.name, "dataset": spec.dataset or first["dataset"], "backbone": spec.backbone,
         "seeds": seeds, "seeds_requested": list(spec.seeds), "metrics": metrics, "per_seed": per_seed,
         "wall_time_s": round(sum(float(e["wall_time_s"] or 0) for e in per_seed), 1),
-        "hardware": first["hardware"], "command": spec.command, "model": first["model_name"],
+        "hardware": all_hardware(per_seed), "command": spec.command, "model": first["model_name"],
         "notes": _notes(first["notes"], per_seed, ONE_STAGE_NOTES),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
