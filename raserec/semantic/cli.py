@@ -37,14 +37,14 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", metavar="DATA", help="interaction file or prepared directory (e.g. ../shared/data/Beauty.txt)")
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    p.add_argument("--text", default="auto", help="item text: auto (<data>.items.jsonl), an .items.jsonl, a RecBole "
+    p.add_argument("--text", default=_DEFAULTS.text_source, help="item text: auto (<data>.items.jsonl), an .items.jsonl, a RecBole "
                    ".item or an Amazon meta_*.json(.gz) file")
-    p.add_argument("--generator", default="template", choices=("template", "precomputed", "openai_compatible"))
+    p.add_argument("--generator", default=_DEFAULTS.generator, choices=("template", "precomputed", "openai_compatible"))
     p.add_argument("--generator-path", default=None, help="responses JSONL of the precomputed generator")
     p.add_argument("--base-url", default=None, help="endpoint of the openai_compatible generator")
     p.add_argument("--llm-model", default=None, help="model served at --base-url")
-    p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS))
-    p.add_argument("--k", type=int, default=10, help="neighbours per item / prefix")
+    p.add_argument("--embedder", default=_DEFAULTS.embedder, choices=sorted(EMBEDDERS))
+    p.add_argument("--k", type=int, default=_DEFAULTS.k, help="neighbours per item / prefix")
     p.add_argument("--prefixes", action="store_true", help="also the training prefixes' vectors and neighbours")
     p.add_argument("--prefix-vectors", default=_DEFAULTS.prefix_vectors, choices=("text", "mean_items"),
                    help="a prefix's vector: its title list embedded as text, or the mean of its items' vectors "
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a prefix's neighbours be the same user's other prefixes (the official SRA-CL rule; "
                    "they contain its target)")
     p.add_argument("--max-len", type=int, default=50, help="data.max_len of the runs that will read this")
-    p.add_argument("--cache-dir", default=".cache/semantic", help="texts, embeddings and neighbours cache")
+    p.add_argument("--cache-dir", default=_DEFAULTS.cache_dir, help="texts, embeddings and neighbours cache")
     p.add_argument("--data-cache-dir", default=".cache/datasets", help="prepared-dataset cache (as data.cache_dir)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -186,6 +186,11 @@ def _line_digest(key: str, text: str) -> str:
     return hashlib.sha256(key.encode() + b"\x00" + text.encode()).hexdigest()[:16]
 
 
+def _cache_line(key: str, text: str) -> str:
+    """One line of a text cache: the key, the text and their digest."""
+    return json.dumps({"k": key, "text": text, "sha": _line_digest(key, text)}) + "\n"
+
+
 def _read_text_cache(path: Path) -> dict[str, str]:
     """The cached texts of ``path``. The last line, if cut by an interrupted write, is dropped from
     the file (its response is asked for again); any other unreadable line, or a line whose digest
@@ -193,14 +198,14 @@ def _read_text_cache(path: Path) -> dict[str, str]:
     accepted and the file is rewritten with digests (never paid for again)."""
     known: dict[str, str] = {}
     lines = path.read_text().splitlines()
-    legacy = cut = 0
+    legacy, cut = 0, False
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
             key, text = record["k"], record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             if number == len(lines):
-                cut = 1
+                cut = True
                 continue
             raise DataError(f"{path}:{number}: not a cached text (corrupt file); delete it to generate the texts "
                             "again") from None
@@ -221,8 +226,7 @@ def _read_text_cache(path: Path) -> dict[str, str]:
 def _write_text_cache(path: Path, known: dict[str, str]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w") as out:
-        for key, text in known.items():
-            out.write(json.dumps({"k": key, "text": text, "sha": _line_digest(key, text)}) + "\n")
+        out.writelines(_cache_line(key, text) for key, text in known.items())
     tmp.replace(path)
 
 
@@ -250,7 +254,6 @@ def generate_cached(generator: TextGenerator, keys: Sequence[str], prompts: Sequ
                 texts = generator.generate([keys[i] for i in rows], [prompts[i] for i in rows])
                 for i, text in zip(rows, texts, strict=True):
                     known[text_keys[i]] = text
-                    record = {"k": text_keys[i], "text": text, "sha": _line_digest(text_keys[i], text)}
-                    out.write(json.dumps(record) + "\n")
+                    out.write(_cache_line(text_keys[i], text))
                 out.flush()
     return [known[k] for k in text_keys]

@@ -142,11 +142,12 @@ class GRASPModule(PretrainModule):
         space = semantic_space(dm, self.semantic)
         vectors = space.item_vectors
         neighbours = space.item_neighbours
-        similar = pool(torch.from_numpy(vectors[neighbours]), torch.from_numpy(vectors),
-                       torch.from_numpy(neighbours > 0), self.pooling).numpy()
+        item_vectors = torch.from_numpy(vectors)
+        similar = pool(item_vectors[torch.from_numpy(neighbours)], item_vectors, torch.from_numpy(neighbours > 0),
+                       self.pooling)
         device = self.encoder.item_embedding.weight.device
-        self.item_semantic = torch.from_numpy(vectors).to(device)
-        self.similar_semantic = torch.from_numpy(similar.astype(np.float32)).to(device)
+        self.item_semantic = item_vectors.to(device)
+        self.similar_semantic = similar.to(device)
         self.user_bank = torch.from_numpy(space.user_vectors).to(device)
         self.train_similar = self._similar_of(dm, "train", device)
         val, test = self._similar_of(dm, "val", device), self._similar_of(dm, "test", device)
