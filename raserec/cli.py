@@ -35,6 +35,8 @@ semantic methods (SRA-CL, GRASP):
 experiments:
   experiment pre-train -> fine-tune -> test over several seeds, with per-seed results, mean +- std,
              a paired significance test and a comparison with the paper (resumable)
+  compare    paired significance tests between two experiments on the same test queries, seed
+             by seed (e.g. a method against SASRec, or two RaSeRec variants)
 
   analyze    the paper's analyses of a trained model, each writing CSV + PNG: long_tail,
              user_activity, partitions, noise, sensitivity, and drift (beyond the paper)
@@ -254,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from raserec.experiments.runner import main as experiment_main
 
             return experiment_main(rest)
+        if command == "compare":
+            from raserec.experiments.compare import main as compare_main
+
+            return compare_main(rest)
         if command in ("fit", "validate", "test", "predict"):
             return _lightning_main(argv)
     except RaserecError as exc:

@@ -3,6 +3,8 @@ checkpointing, early stopping and the results file, and tests the best checkpoin
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import re
@@ -24,6 +26,20 @@ from raserec.results import ResultsWriter
 log = logging.getLogger(__name__)
 
 
+def _init_parameters(class_path: str) -> set[str] | None:
+    """The keyword arguments ``class_path``'s constructor takes (``None``: any, or unknown). The
+    class is the one the user's config names, already imported by the parser."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.name != "self"}
+
+
 @dataclass
 class ResultsSpec:
     """Where ``fit``/``test`` record their figures.
@@ -33,12 +49,15 @@ class ResultsSpec:
         dataset: dataset name recorded in the file.
         model: model name recorded in the file.
         notes: free text recorded in the file (schedule, hardware caveats).
+        ranks: also write every test query's target rank beside it (``NAME.ranks_test.npz``),
+            which ``raserec compare`` reads for paired significance tests between two models.
     """
 
     path: str | None = None
     dataset: str = ""
     model: str = ""
     notes: str = ""
+    ranks: bool = True
 
 
 class EpochCheckpoint(ModelCheckpoint):
@@ -74,6 +93,12 @@ class EpochCheckpoint(ModelCheckpoint):
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` beside the logs and sends the full resolved config to the logger
     (W&B's run config, CSV's hparams.yaml), which LightningCLI does not do by itself."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Without a logger there is no log directory: Lightning would write config.yaml into the
+        # working directory (over a file of that name). The results file keeps the config anyway.
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is not None:
@@ -160,12 +185,33 @@ class RaserecCLI(LightningCLI):
             raise CheckpointError(f"{ckpt_path} is a {saved.rsplit('.', 1)[-1]} checkpoint, but the config runs "
                                   f"{configured.rsplit('.', 1)[-1]}; pass the config the checkpoint was trained with")
         try:
-            super()._parse_ckpt_path()
+            self._merge_ckpt_hparams(dict(hparams), saved)
         except (SystemExit, ConfigError) as exc:
             raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit the config's model "
                                   f"{configured}; pass the config the checkpoint was trained with") from exc
         if RECORD_KEY in blob and "encoder_checkpoint" in hparams:
             self.config[subcommand]["model"]["init_args"]["encoder_checkpoint"] = str(path)
+
+    def _merge_ckpt_hparams(self, hparams: dict, class_path: str | None) -> None:
+        """LightningCLI's merge of a checkpoint's hyper-parameters into the config (``class_path``:
+        the class the checkpoint saved, the config's by the check above), minus those the model
+        class does not take: a module that fixes an argument of its parent (GRASP: its
+        objectives) saved it in checkpoints written before 2026-12-05, and passing it back would
+        fail inside the class."""
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
+        accepted = _init_parameters(class_path) if class_path else None
+        if accepted is not None:
+            dropped = sorted(set(hparams) - accepted)
+            for key in dropped:
+                hparams.pop(key)
+            if dropped:
+                log.info("checkpoint hyper-parameters the model does not take, ignored: %s", ", ".join(dropped))
+        if not hparams:
+            return
+        subcommand = self.config.subcommand
+        merged = {subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams} if class_path else hparams}}
+        self.config = self.parser.parse_object(merged, self.config)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -173,7 +219,8 @@ class RaserecCLI(LightningCLI):
         if spec is not None and spec.path:
             parser = self._parser(self.subcommand)
             config = json.loads(parser.dump(self.config[self.subcommand], skip_none=False, format="json"))
-            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes, config=config))
+            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes, config=config,
+                                                   ranks=spec.ranks))
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         return trainer

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
@@ -97,12 +98,15 @@ class ResultsWriter(L.Callback):
         model: model name recorded in the file.
         notes: free text (schedule, deviations from the paper).
         config: the resolved configuration of the run, stored beside the figures.
+        ranks: also write each test query's target rank to :func:`ranks_path` (``NAME.ranks_test.npz``:
+            ``row``, ``user``, ``end``, ``target``, ``rank``), for paired tests (``raserec compare``).
     """
 
     def __init__(self, path: str, dataset: str, model: str, notes: str = "",
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, ranks: bool = True) -> None:
         check_output_file(path, "results file", (".json",))
         self.config = config
+        self.ranks = ranks
         self.path = path
         self.dataset = dataset
         self.model = model
@@ -173,4 +177,24 @@ class ResultsWriter(L.Callback):
             "val_curve": self._curve,
             "config": self.config,
         }
-        write_results(self.path, record)
+        query_ranks = getattr(pl_module, "test_query_ranks", None) if self.ranks else None
+        if query_ranks is not None and trainer.datamodule is not None:
+            record["ranks_file"] = write_query_ranks(ranks_path(self.path), *query_ranks,
+                                                     trainer.datamodule.pairs("test")).name
+        write_results(self.path, record)  # last: its existence marks the run finished
+
+
+def ranks_path(results_path: str | Path) -> Path:
+    """Where the per-query test ranks of the results file ``results_path`` go."""
+    path = Path(results_path)
+    return path.with_name(path.stem + ".ranks_test.npz")
+
+
+def write_query_ranks(path: Path, rows: np.ndarray, ranks: np.ndarray, pairs: Any) -> Path:
+    """Per-query ranks with the identity of each query (user, prefix end, target), so that a
+    comparison can check that two models ranked the same queries."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, row=rows, user=pairs.user[rows], end=pairs.end[rows], target=pairs.target[rows],
+                        rank=ranks)
+    tmp.replace(path)
+    return path

@@ -12,6 +12,7 @@ import torch
 from raserec.checkpoint import load_encoder
 from raserec.cli import main
 from raserec.evaluation.per_query import metrics_from_ranks
+from raserec.experiments.compare import Side, available_ranks, compare
 from raserec.experiments.runner import ExperimentSpec, restore_carried, stage_command
 from raserec.experiments.summary import paired_tests
 
@@ -304,3 +305,32 @@ def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():
     one = [{"seed": 1, "schedule": conv}, {"seed": 2, "schedule": conv}, {"seed": 3, "schedule": cap},
            {"seed": 4, "schedule": None}]
     assert _notes("", one, ONE_STAGE_NOTES) == f"seed 3 {cap}"
+
+
+def test_each_stage_test_pass_writes_the_ranks_the_runner_recomputes(short_experiment):
+    """Every stage's own test pass (Lightning loop, ``QueryRanks`` metric) writes its per-query
+    ranks; they must be exactly the ranks the runner recomputes outside the Trainer."""
+    results, _, name = short_experiment
+    for seed in (1, 2):
+        seed_dir = results / name / f"seed_{seed}"
+        raft = np.load(seed_dir / "ranks_test.npz")
+        for stage, key in (("pretrain", "encoder"), ("finetune", "finetune")):
+            record = json.loads((seed_dir / f"{stage}.json").read_text())
+            assert record["ranks_file"] == f"{stage}.ranks_test.npz"
+            own = np.load(seed_dir / record["ranks_file"])
+            assert np.array_equal(own["row"], np.arange(1500))  # every test query, in query order
+            for field in ("user", "end", "target"):
+                assert np.array_equal(own[field], raft[field])
+            assert np.array_equal(own["rank"], raft[key]), (seed, stage)
+        assert set(available_ranks(seed_dir)) == {"pretrain", "finetune"}
+    # RAFT against its own encoder, through compare: the same paired tests as the summary's
+    record = compare(Side(results / name, "pretrain"), Side(results / name, None))
+    summary = json.loads((results / f"{name}.json").read_text())
+    assert record["seeds"] == [1, 2]
+    for seed in ("1", "2"):
+        assert record["paired_test_per_seed"][seed]["paired_test"] == summary["paired_test_per_seed"][seed]
+    # over seed means: the summary reads the logged (float32) metrics, compare the ranks (float64)
+    for key, test in summary["paired_test_across_seeds"].items():
+        for field, value in test.items():
+            got = record["paired_test_across_seeds"][key][field]
+            assert got == value if value is None else got == pytest.approx(value, rel=1e-5, abs=1e-8), (key, field)

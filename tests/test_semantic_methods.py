@@ -638,3 +638,39 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
     assert scored.hae.item_adapter[1].weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="item_scoring must be"):
         GRASPModule(slice_dm.num_items, make, semantic=semantic, item_scoring="semantic")
+
+
+def test_a_grasp_checkpoint_tests_from_the_cli_also_one_saved_before_the_fix(beauty_slice, tmp_path,
+                                                                            monkeypatch) -> None:
+    """``raserec test --ckpt_path`` on a GRASP checkpoint reproduces the fit's test pass, ranks
+    file included. GRASP fixes its parent's ``objectives``; checkpoints written before
+    2026-12-05 saved them, and merging them back used to crash the CLI with a traceback."""
+    require(ITEMS)
+    root = Path(__file__).resolve().parents[1]
+    common = ["--config", str(root / "configs" / "beauty_grasp.yaml"), "--config", str(root / "configs" / "debug.yaml"),
+              "--data.data_path", str(beauty_slice), "--data.cache_dir", "null",
+              "--model.init_args.semantic.embedder", "hash", "--model.init_args.semantic.text_source", str(ITEMS),
+              "--model.init_args.semantic.cache_dir", str(tmp_path / "sem"),
+              "--model.init_args.encoder.init_args.hidden_size", "16",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", *common, "--checkpoint.dirpath", str(tmp_path / "ck"),
+                 "--results.path", str(tmp_path / "fit.json")]) == 0
+    best = tmp_path / "ck" / "best.ckpt"
+    blob = torch.load(best, weights_only=True)
+    assert "objectives" not in blob["hyper_parameters"] and "positive_pair" not in blob["hyper_parameters"]
+    old = tmp_path / "old.ckpt"  # what a checkpoint from before the fix holds
+    blob["hyper_parameters"].update(objectives=[{"class_path": "raserec.pretrain.objectives.NextItemCE"}],
+                                    positive_pair="none")
+    torch.save(blob, old)
+    fitted = json.loads((tmp_path / "fit.json").read_text())
+    fit_ranks = np.load(tmp_path / "fit.ranks_test.npz")
+    assert len(fit_ranks["rank"]) == 1500  # one test query per user of the slice
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for name, ckpt in (("new", best), ("old", old)):
+        assert main(["test", *common, "--ckpt_path", str(ckpt), "--results.path", str(tmp_path / f"{name}.json"),
+                     "--trainer.logger", "false"]) == 0
+        assert not list(cwd.iterdir())  # no logger, no log directory: no config.yaml in the working directory
+        assert json.loads((tmp_path / f"{name}.json").read_text())["metrics"] == fitted["metrics"]
+        assert np.array_equal(np.load(tmp_path / f"{name}.ranks_test.npz")["rank"], fit_ranks["rank"])

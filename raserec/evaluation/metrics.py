@@ -69,3 +69,46 @@ class RankingMetrics(Metric):
         out = {key: (hist * per_rank).sum() / n for key, per_rank in rank_gains(positions, self.ks).items()}
         out[f"MRR@{self.ks[-1]}"] = (hist / (positions + 1.0)).sum() / n
         return {k: v.float() for k, v in out.items()}
+
+
+class QueryRanks(Metric):
+    """The target rank of every query, keyed by the query's row (``batch["index"]``), for paired
+    significance tests between two models on the same queries. ``cat`` states: under DDP every
+    process contributes its share, and :meth:`compute` returns them in query order."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("rank", default=[], dist_reduce_fx="cat")
+
+    def update(self, index: Tensor, ranks: Tensor) -> None:
+        """``index``: the queries' rows; ``ranks``: their targets' 0-based ranks."""
+        self.index.append(index.detach().long().flatten())
+        self.rank.append(ranks.detach().long().flatten().to(self.index[-1].device))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """``(rows, ranks)`` sorted by row; a row seen twice (a sampler that pads the last
+        batch of a process, as DDP's does) is kept once."""
+        index, rank = _flat(self.index), _flat(self.rank)
+        if index.numel() == 0:
+            return index, rank
+        rows, first = _first_occurrence(index)
+        return rows, rank[first]
+
+
+def _flat(state: Tensor | list[Tensor]) -> Tensor:
+    """A ``cat`` state as one tensor (a list before syncing; after, a tensor or a list)."""
+    if isinstance(state, Tensor):
+        return state
+    return torch.cat(state) if state else torch.empty(0, dtype=torch.long)
+
+
+def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique values of ``index`` and the position of each one's first occurrence."""
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    keep = torch.ones_like(sorted_index, dtype=torch.bool)
+    keep[1:] = sorted_index[1:] != sorted_index[:-1]
+    return sorted_index[keep], order[keep]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from raserec.data.batch import SequenceBatch
 from raserec.errors import ConfigError, TrainingError, check_optimizer
-from raserec.evaluation.metrics import RankingMetrics
+from raserec.evaluation.metrics import QueryRanks, RankingMetrics
 from raserec.evaluation.ranking import product_ranks, top_items
 
 
@@ -99,6 +99,10 @@ class RecommenderModule(L.LightningModule):
         self.predict_top_n = predict_top_n
         self.val_metrics = RankingMetrics(metric_ks)
         self.test_metrics = RankingMetrics(metric_ks)
+        # Per-query test ranks (for paired tests between models); read by the results writer
+        # as ``test_query_ranks`` after the test pass.
+        self.test_ranks = QueryRanks()
+        self.test_query_ranks: tuple[np.ndarray, np.ndarray] | None = None
 
     def save_shared_hyperparameters(self) -> None:
         """Put the shared settings into ``hparams`` (call after ``save_hyperparameters``). A module
@@ -143,11 +147,12 @@ class RecommenderModule(L.LightningModule):
     def _history(self, batch: SequenceBatch) -> Tensor | None:
         return batch["input_ids"] if self.mask_history else None
 
-    def _eval_step(self, batch: SequenceBatch, metrics: RankingMetrics) -> None:
+    def _eval_step(self, batch: SequenceBatch, metrics: RankingMetrics) -> Tensor:
         # The same ranks as target_ranks(self.scores(batch), ...), scored a few rows at a time.
         ranks = product_ranks(self.user_representation(batch), self.item_weights(), batch["target"],
                               self._history(batch))
         metrics.update(ranks)
+        return ranks
 
     @full_precision
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
@@ -155,7 +160,7 @@ class RecommenderModule(L.LightningModule):
 
     @full_precision
     def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+        self.test_ranks.update(batch["index"], self._eval_step(batch, self.test_metrics))
 
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> None:
         values = metrics.compute()  # already reduced across processes by torchmetrics
@@ -167,6 +172,11 @@ class RecommenderModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+        self.test_query_ranks = None
+        if self.test_ranks.update_called:
+            rows, ranks = self.test_ranks.compute()  # gathered across processes
+            self.test_query_ranks = (rows.cpu().numpy(), ranks.cpu().numpy()) if rows.numel() else None
+        self.test_ranks.reset()
 
     # Resuming must continue the same random streams (data order, dropout), not fresh ones.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

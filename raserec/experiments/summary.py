@@ -54,6 +54,18 @@ def paired_tests(base: np.ndarray, tuned: np.ndarray) -> dict[str, dict[str, flo
     return out
 
 
+def across_seeds(tuned: list[dict[str, float]], base: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Paired t-test over the seeds' means (one value per seed and model); empty for one seed."""
+    across: dict[str, dict[str, float | None]] = {}
+    if len(tuned) > 1:
+        for k in TEST_KEYS:
+            a, b = [m[k] for m in tuned], [m[k] for m in base]
+            t = stats.ttest_rel(a, b) if not np.allclose(a, b) else None
+            across[k] = {"mean_diff": float(np.mean(np.subtract(a, b))),
+                         "t": _finite(t.statistic) if t else None, "p_ttest": _finite(t.pvalue) if t else 1.0}
+    return across
+
+
 def all_hardware(per_seed: list[dict[str, Any]]) -> str:
     """Every machine the seeds ran on, in seed order, each once (seeds of one experiment often
     run in different sessions, on different machines)."""
@@ -117,14 +129,7 @@ def summarize(spec) -> dict[str, Any]:
     # (its plain top-100 list), as ``base/test/<k>`` beside the model's metrics.
     base_same_protocol = _aggregate(per_seed, "base_same_protocol")
     base = {f"base/{k}": v for k, v in base_same_protocol.items()}
-    across: dict[str, dict[str, float | None]] = {}
-    if len(per_seed) > 1:
-        for k in TEST_KEYS:
-            a = [e["finetune"][k] for e in per_seed]
-            b = [e["encoder"][k] for e in per_seed]
-            t = stats.ttest_rel(a, b) if not np.allclose(a, b) else None
-            across[k] = {"mean_diff": float(np.mean(np.subtract(a, b))),
-                         "t": _finite(t.statistic) if t else None, "p_ttest": _finite(t.pvalue) if t else 1.0}
+    across = across_seeds([e["finetune"] for e in per_seed], [e["encoder"] for e in per_seed])
     paper_names = PAIRS.get((dataset, spec.backbone))
     paper = {name: RASEREC[(dataset, name)] for name in paper_names} if paper_names else {}
     if base:  # Ada-Retrieval (top-50 protocol): its own paper's SASRec rows, never RaSeRec's

@@ -112,6 +112,8 @@ class GRASPModule(PretrainModule):
         super().__init__(num_items, encoder, positive_pair="none", objectives=[NextItemCE()], lr=lr,
                          weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
                          predict_top_n=predict_top_n)
+        for fixed in ("objectives", "positive_pair"):  # GRASP's own choice, not arguments it takes
+            self.hparams.pop(fixed, None)
         self.hparams["semantic"] = asdict(semantic)  # plain data in the checkpoint
         self.hparams["hae"] = asdict(hae)
         self.semantic = semantic

@@ -1,0 +1,201 @@
+"""``raserec compare BASE OTHER``: paired significance tests between two experiments that ranked
+the same test queries, seed by seed (the same seed of both: same data split, same queries).
+
+Per-query test ranks come from each seed directory of an experiment (``results/<name>/seed_<s>/``):
+
+- ``<stage>.ranks_test.npz``, written by every ``raserec fit``/``test`` with a results file
+  (``results.ranks``): the ranks of that stage's model (column ``pretrain`` or ``finetune``);
+- ``ranks_test.npz``, written by a two-stage experiment: its stage-1 encoder (column ``pretrain``)
+  and its fine-tuned model (column ``finetune``).
+
+``EXP:COLUMN`` picks a column; the default is the experiment's last stage (``finetune`` where it
+exists, else ``pretrain``). So ``raserec compare results/beauty_raserec results/beauty_semkeys_raserec``
+tests the semantic-keys RAFT against plain RAFT, and ``results/beauty_raserec:pretrain`` names
+RaSeRec's own encoder.
+
+Writes ``results/<other>/vs_<base>.json`` (a results file: per-seed paired t and Wilcoxon tests,
+both models' metrics, and a t-test over seed means when there are several seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raserec.errors import RaserecError
+from raserec.evaluation.per_query import metrics_from_ranks
+from raserec.experiments.summary import TEST_KEYS, across_seeds, all_hardware, paired_tests
+from raserec.results import hardware, write_results
+
+#: Stage columns a comparison can name.
+COLUMNS = ("pretrain", "finetune")
+#: Columns of a two-stage experiment's ``ranks_test.npz``, by stage.
+_RAFT_FILE_COLUMNS = {"pretrain": "encoder", "finetune": "finetune"}
+_SEED_DIR = re.compile(r"seed_(\d+)$")
+
+
+@dataclass(frozen=True)
+class QueryRanks:
+    """One model's test ranks and the identity of each query."""
+
+    user: np.ndarray
+    end: np.ndarray
+    target: np.ndarray
+    rank: np.ndarray
+    source: str
+
+    def same_queries(self, other: QueryRanks) -> bool:
+        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("user", "end", "target"))
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: an experiment directory and the column of its ranks."""
+
+    directory: Path
+    column: str | None  # None: the last stage that has ranks
+
+    @classmethod
+    def parse(cls, text: str) -> Side:
+        path, _, column = text.rpartition(":") if ":" in Path(text).name else (text, "", "")
+        if column and column not in COLUMNS:
+            raise RaserecError(f"{text}: unknown column {column!r}; choose one of {', '.join(COLUMNS)}")
+        directory = Path(path)
+        if not directory.is_dir():
+            raise RaserecError(f"{directory}: no such experiment directory (results/<name>/)")
+        return cls(directory, column or None)
+
+    @property
+    def label(self) -> str:
+        return self.directory.name + (f":{self.column}" if self.column else "")
+
+    def seeds(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _SEED_DIR.match(p.name)))
+
+    def ranks(self, seed: int) -> QueryRanks | None:
+        """The ranks of ``seed`` in this side's column, or ``None`` when that seed has none."""
+        found = available_ranks(self.directory / f"seed_{seed}")
+        if self.column is not None:
+            return found.get(self.column)
+        return found.get("finetune") or found.get("pretrain")
+
+
+def available_ranks(seed_dir: Path) -> dict[str, QueryRanks]:
+    """Every column of ranks a seed directory holds (stage files win over ``ranks_test.npz``:
+    they are what the stage's own test pass ranked)."""
+    out: dict[str, QueryRanks] = {}
+    raft = seed_dir / "ranks_test.npz"
+    if raft.is_file():
+        with np.load(raft) as z:
+            for column, key in _RAFT_FILE_COLUMNS.items():
+                out[column] = QueryRanks(z["user"], z["end"], z["target"], z[key], f"{raft}[{key}]")
+    for column in COLUMNS:
+        path = seed_dir / f"{column}.ranks_test.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                out[column] = QueryRanks(z["user"], z["end"], z["target"], z["rank"], str(path))
+    return out
+
+
+def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str, Any]:
+    """Paired tests of ``other`` against ``base`` on every seed both have ranks for (or on
+    ``seeds``, each of which must have them on both sides)."""
+    start = time.perf_counter()
+    if seeds is None:
+        seeds = [s for s in sorted(set(base.seeds()) & set(other.seeds()))
+                 if base.ranks(s) is not None and other.ranks(s) is not None]
+        if not seeds:
+            raise RaserecError(f"{base.label} and {other.label} have no seed with per-query test ranks in common "
+                               f"(seed_<s>/ranks_test.npz or seed_<s>/<stage>.ranks_test.npz)")
+    per_seed: dict[str, Any] = {}
+    means: dict[str, list[dict[str, float]]] = {"base": [], "other": []}
+    for seed in seeds:
+        a, b = base.ranks(seed), other.ranks(seed)
+        for side, ranks in ((base, a), (other, b)):
+            if ranks is None:
+                raise RaserecError(f"{side.label}: seed {seed} has no per-query test ranks")
+        assert a is not None and b is not None
+        if not a.same_queries(b):
+            raise RaserecError(f"seed {seed}: {a.source} and {b.source} did not rank the same test queries "
+                               f"({len(a.rank)} vs {len(b.rank)}; other data, or a limited test pass?)")
+        ma, mb = metrics_from_ranks(a.rank, (5, 10, 20)), metrics_from_ranks(b.rank, (5, 10, 20))
+        means["base"].append(ma)
+        means["other"].append(mb)
+        per_seed[str(seed)] = {"base": ma, "other": mb, "queries": len(a.rank),
+                               "paired_test": paired_tests(a.rank, b.rank), "sources": [a.source, b.source]}
+    base_mean, other_mean = (_mean(means[k]) for k in ("base", "other"))
+    return {
+        "command": "",
+        "hardware": hardware(),
+        "dataset": _dataset(other.directory),
+        "model": f"{other.label} vs {base.label}, same test queries per seed",
+        "seeds": seeds,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "metrics": {f"test/{k}": v for k, v in other_mean.items()},
+        "base_metrics": {f"test/{k}": v for k, v in base_mean.items()},
+        "relative_change_pct": {f"test/{k}": 100.0 * (other_mean[k] - base_mean[k]) / base_mean[k]
+                                for k in other_mean if base_mean[k]},
+        "paired_test_per_seed": per_seed,
+        "paired_test_across_seeds": across_seeds([m["other"] for m in per_seed.values()],
+                                                 [m["base"] for m in per_seed.values()]),
+        "notes": ("per seed: two-sided paired t-test and Wilcoxon signed-rank test over the test queries "
+                  f"({', '.join(TEST_KEYS)}); across seeds (2 or more): paired t-test over the seed means. "
+                  f"Models trained on: {_trained_on(base.directory, other.directory, seeds)}"),
+    }
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _dataset(directory: Path) -> str:
+    summary = directory / "summary.json"
+    if summary.is_file():
+        return str(json.loads(summary.read_text()).get("dataset", ""))
+    return ""
+
+
+def _trained_on(base: Path, other: Path, seeds: list[int]) -> str:
+    records = [json.loads(p.read_text()) for d in (base, other) for s in seeds for stage in COLUMNS
+               if (p := d / f"seed_{s}" / f"{stage}.json").is_file()]
+    return all_hardware(records) or "unknown"
+
+
+def default_output(base: Side, other: Side) -> Path:
+    suffix = f"_{other.column}" if other.column else ""
+    base_name = base.directory.name + (f"_{base.column}" if base.column else "")
+    return other.directory / f"vs_{base_name}{suffix}.json"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="raserec compare",
+        description="Paired significance tests between two experiments on the same test queries, seed by seed. "
+                    "EXP is an experiment directory (results/<name>), optionally EXP:pretrain or EXP:finetune "
+                    "(default: its last stage).")
+    parser.add_argument("base", help="the reference experiment, e.g. results/beauty_raserec")
+    parser.add_argument("other", help="the experiment tested against it, e.g. results/beauty_semkeys_raserec")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to compare (default: every seed both have)")
+    parser.add_argument("--out", type=Path, help="output JSON (default: OTHER/vs_<base>.json)")
+    args = parser.parse_args(argv)
+    base, other = Side.parse(args.base), Side.parse(args.other)
+    out = args.out or default_output(base, other)
+    if out.suffix != ".json":
+        raise RaserecError(f"{out}: the output must be a .json file")
+    record = compare(base, other, args.seeds)
+    record["command"] = "raserec compare " + " ".join(argv)
+    write_results(out, record)
+    for seed, entry in record["paired_test_per_seed"].items():
+        tests = entry["paired_test"]
+        print(f"seed {seed}: " + "; ".join(
+            f"{k} {entry['base'][k]:.4f} -> {entry['other'][k]:.4f} (p_t {tests[k]['p_ttest']:.3g}, "
+            f"p_w {tests[k]['p_wilcoxon']:.3g})" for k in TEST_KEYS))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,138 @@
+"""``raserec compare``: per-query ranks from both kinds of rank files, same-query checks, the
+paired tests, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raserec.cli import main
+from raserec.evaluation.metrics import QueryRanks
+from raserec.experiments.compare import Side, compare
+from raserec.experiments.summary import paired_tests
+
+QUERIES = 2000
+
+
+def _queries(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"user": np.arange(QUERIES), "end": rng.integers(1, 40, QUERIES), "target": rng.integers(1, 500, QUERIES)}
+
+
+def _two_stage(root: Path, seed: int, encoder: np.ndarray, finetune: np.ndarray) -> None:
+    d = root / f"seed_{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / "ranks_test.npz", encoder=encoder, finetune=finetune, **_queries(seed))
+
+
+def _one_stage(root: Path, seed: int, ranks: np.ndarray, queries: dict[str, np.ndarray] | None = None) -> None:
+    d = root / f"seed_{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / "pretrain.ranks_test.npz", row=np.arange(QUERIES), rank=ranks, **(queries or _queries(seed)))
+
+
+@pytest.fixture
+def experiments(tmp_path: Path) -> tuple[Path, Path, dict[int, np.ndarray]]:
+    """A one-stage baseline and a two-stage method on seeds 1-3 whose fine-tuned ranks are
+    better on half the queries."""
+    rng = np.random.default_rng(0)
+    base, method = tmp_path / "sasrec", tmp_path / "raserec"
+    base_ranks = {}
+    for seed in (1, 2, 3):
+        ranks = rng.integers(0, 60, QUERIES)
+        base_ranks[seed] = ranks
+        _one_stage(base, seed, ranks)
+        better = np.where(np.arange(QUERIES) % 2 == 0, ranks // 3, ranks)
+        _two_stage(method, seed, encoder=ranks, finetune=better)
+    return base, method, base_ranks
+
+
+def test_query_ranks_metric_orders_rows_and_drops_padding_duplicates() -> None:
+    metric = QueryRanks()
+    metric.update(torch.tensor([5, 3, 4]), torch.tensor([50, 30, 40]))
+    metric.update(torch.tensor([0, 1, 2, 5]), torch.tensor([0, 10, 20, 99]))  # row 5 again: a padded batch
+    rows, ranks = metric.compute()
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5]
+    assert ranks.tolist() == [0, 10, 20, 30, 40, 50]  # the first occurrence of row 5 is kept
+    metric.reset()
+    assert not metric.update_called
+
+
+def test_compare_reads_both_file_kinds_and_finds_a_real_gain(experiments) -> None:
+    base, method, base_ranks = experiments
+    record = compare(Side(base, None), Side(method, None))
+    assert record["seeds"] == [1, 2, 3]
+    for seed in (1, 2, 3):
+        entry = record["paired_test_per_seed"][str(seed)]
+        assert entry["queries"] == QUERIES
+        tuned = np.where(np.arange(QUERIES) % 2 == 0, base_ranks[seed] // 3, base_ranks[seed])
+        assert entry["paired_test"] == paired_tests(base_ranks[seed], tuned)
+        assert entry["paired_test"]["NDCG@10"]["mean_diff"] > 0
+        assert entry["paired_test"]["NDCG@10"]["p_wilcoxon"] < 1e-6
+        assert entry["paired_test"]["NDCG@10"]["queries_worse"] == 0
+    assert record["metrics"]["test/NDCG@10"] > record["base_metrics"]["test/NDCG@10"]
+    assert record["relative_change_pct"]["test/NDCG@10"] > 0
+    assert set(record["paired_test_across_seeds"]) == {"HR@10", "NDCG@10", "NDCG@5"}
+
+
+def test_compare_column_selection(experiments) -> None:
+    base, method, _ = experiments
+    # the two-stage experiment's own encoder column holds the baseline's ranks: no difference at all
+    record = compare(Side(base, None), Side(method, "pretrain"))
+    for entry in record["paired_test_per_seed"].values():
+        assert entry["paired_test"]["NDCG@10"] == {"mean_diff": 0.0, "t": None, "p_ttest": 1.0, "p_wilcoxon": 1.0,
+                                                   "queries_better": 0, "queries_worse": 0}
+    assert record["paired_test_across_seeds"]["NDCG@10"]["p_ttest"] == 1.0
+
+
+def test_compare_uses_only_seeds_both_sides_have(experiments) -> None:
+    base, method, _ = experiments
+    _two_stage(method, 4, np.zeros(QUERIES, int), np.zeros(QUERIES, int))  # the baseline has no seed 4
+    assert compare(Side(base, None), Side(method, None))["seeds"] == [1, 2, 3]
+    assert compare(Side(base, None), Side(method, None), seeds=[2])["seeds"] == [2]
+    assert compare(Side(base, None), Side(method, None), seeds=[2])["paired_test_across_seeds"] == {}
+
+
+def test_cli_writes_a_results_file(experiments, capsys) -> None:
+    base, method, _ = experiments
+    assert main(["compare", str(base), f"{method}:finetune"]) == 0
+    out = method / "vs_sasrec_finetune.json"
+    record = json.loads(out.read_text())
+    for key in ("command", "hardware", "dataset", "model", "seeds", "wall_time_s", "metrics", "notes"):
+        assert key in record
+    assert record["command"].startswith("raserec compare ")
+    assert "seed 3: HR@10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing dir", "bad column", "other queries", "no common seed", "seed missing",
+                                  "bad out"])
+def test_bad_input_is_one_error_line(experiments, tmp_path, capsys, case) -> None:
+    base, method, _ = experiments
+    args = [str(base), str(method)]
+    expected = {"missing dir": "no such experiment directory", "bad column": "unknown column 'best'",
+                "other queries": "did not rank the same test queries", "no common seed": "no seed with per-query",
+                "seed missing": "seed 7 has no per-query test ranks", "bad out": "must be a .json file"}[case]
+    if case == "missing dir":
+        args[0] = str(tmp_path / "nope")
+    elif case == "bad column":
+        args[1] = f"{method}:best"
+    elif case == "other queries":
+        other = tmp_path / "other_data"
+        _one_stage(other, 1, np.zeros(QUERIES, int), _queries(99))
+        args = [str(other), str(method), "--seeds", "1"]
+    elif case == "no common seed":
+        lonely = tmp_path / "lonely"
+        _one_stage(lonely, 9, np.zeros(QUERIES, int))
+        args[0] = str(lonely)
+    elif case == "seed missing":
+        args += ["--seeds", "1", "7"]
+    else:
+        args += ["--out", str(tmp_path / "x.txt")]
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not list(method.glob("vs_*.json"))  # nothing written
