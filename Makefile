@@ -30,6 +30,7 @@ lint:  ## ruff check
 bench:  ## run the benchmarks, writing results/*_bench.json
 	$(BIN)/python -m raserec.benchmarks.data_bench --data $(DATA)
 	$(BIN)/python -m raserec.benchmarks.train_bench --data $(DATA)
+	$(BIN)/python -m raserec.benchmarks.step_bench --data $(DATA)
 	$(BIN)/python -m raserec.benchmarks.memory_bench --data $(DATA) --torch-threads 1
 	$(BIN)/python -m raserec.benchmarks.ce_bench
 	$(BIN)/python -m raserec.benchmarks.ada_bench --data $(DATA)

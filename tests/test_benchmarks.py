@@ -49,3 +49,37 @@ def test_epoch_time_times_the_training_loop_and_scales_to_an_epoch(tiny_file) ->
     assert abs(figures["step_s"] * 2 - figures["measured_s"]) <= 0.01
     names = [o.name for o in build_method("sracl", dm.num_items).objectives]
     assert names == ["loss_rec", "loss_cs", "loss_is"]
+
+
+def test_step_bench_variants_switch_what_they_name(tiny_file, monkeypatch) -> None:
+    import torch
+
+    from raserec.benchmarks import step_bench
+    from raserec.data.datamodule import SequenceDataModule
+    from raserec.models import layers
+
+    dm = SequenceDataModule(tiny_file, batch_size=4, eval_batch_size=4, cache_dir=None)
+    dm.setup("fit")
+    batches = step_bench.fixed_batches(dm, 2)
+    assert len(batches) == 2 and all("positive_ids" in b for b in batches)
+    # the former float-draw mask: the dropout rate and the inverted scale
+    torch.manual_seed(0)
+    mask = step_bench.float_keep_mask(torch.empty(200_000), 0.5)
+    assert set(mask.unique().tolist()) == {0.0, 2.0} and abs(float((mask == 0).float().mean()) - 0.5) < 0.01
+    calls = []
+    monkeypatch.setattr(step_bench, "float_keep_mask", lambda x, p: calls.append(p) or torch.ones_like(x))
+    real = layers.keep_mask
+    with step_bench.mask_variant(byte_masks=False):
+        assert layers.keep_mask is not real
+    assert layers.keep_mask is real  # restored
+    # Adam's loop and foreach: the same parameters after the same steps (same masks), bit for bit
+    params = {}
+    for foreach in (False, True):
+        model, optimizer = step_bench.step_model(dm.num_items, foreach)
+        assert step_bench.steps_ms(model, optimizer, batches, byte_masks=False) > 0
+        params[foreach] = [p.detach().clone() for p in model.parameters()]
+    assert calls and set(calls) == {0.5}  # the float variant drew every dropout mask of the steps
+    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True], strict=True))
+    ab = step_bench.step_ab(dm, steps=2, rounds=1)
+    assert set(ab) == {"former", "foreach", "byte_masks", "both"} and all(v["step_ms"] > 0 for v in ab.values())
+    assert step_bench.product_ms(8, 4, 16, torch.bfloat16, repeats=2) > 0
