@@ -178,6 +178,9 @@ class RaserecCLI(LightningCLI):
         if not path.is_file():
             raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
         blob = load_weights_only(path)
+        if isinstance(blob, dict) and RECORD_KEY in blob and "state_dict" not in blob:
+            self._take_encoder_record(subcommand, path)
+            return
         hparams = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
         saved = hparams.get("_class_path")
         configured = (self.config[subcommand].get("model") or {}).get("class_path")
@@ -191,6 +194,41 @@ class RaserecCLI(LightningCLI):
                                   f"{configured}; pass the config the checkpoint was trained with") from exc
         if RECORD_KEY in blob and "encoder_checkpoint" in hparams:
             self.config[subcommand]["model"]["init_args"]["encoder_checkpoint"] = str(path)
+
+    def _take_encoder_record(self, subcommand: str, path: Path) -> None:
+        """``--ckpt_path`` names a standalone encoder record (``results/<name>/seed_<s>/encoder.pt``):
+        evaluate or predict with a pre-training config's model, its encoder's weights taken from
+        the record (loaded in :meth:`_load_encoder_record`, once the model and data exist)."""
+        if subcommand == "fit":
+            raise CheckpointError(f"{path} is an encoder record, which cannot resume a fit (it holds no optimiser "
+                                  "or loop state); resume from runs/.../last.ckpt, or fine-tune on it with "
+                                  "--model.init_args.encoder_checkpoint")
+        configured = (self.config[subcommand].get("model") or {}).get("class_path") or ""
+        from raserec.pretrain.module import PretrainModule
+
+        if configured.rsplit(".", 1)[-1] != PretrainModule.__name__:
+            raise CheckpointError(f"{path} is an encoder record: evaluate it with a pre-training config (model "
+                                  f"PretrainModule, e.g. configs/beauty_sasrec.yaml), not {configured or 'this one'}")
+        self._encoder_record = path
+        self.config[subcommand]["ckpt_path"] = None  # Lightning gets the model with the record's weights in it
+
+    def _load_encoder_record(self) -> None:
+        path = getattr(self, "_encoder_record", None)
+        if path is None:
+            return
+        from raserec.checkpoint import check_same_data, load_encoder_for
+
+        encoder, data = load_encoder_for(path, getattr(self.datamodule, "num_items", None))
+        check_same_data(data, self.datamodule)
+        try:
+            self.model.encoder.load_state_dict(encoder.state_dict())
+        except RuntimeError as exc:  # "Error(s) in loading state_dict ...:" then one line per mismatch
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = (lines[1:] or lines or [""])[0][:200]
+            raise CheckpointError(f"{path}: the record's encoder ({encoder.class_path}) does not fit the config's "
+                                  f"({self.model.encoder.class_path}): {detail}; pass the config it was trained "
+                                  "with") from exc
+        log.info("evaluating the encoder record %s", path)
 
     def _merge_ckpt_hparams(self, hparams: dict, class_path: str | None) -> None:
         """LightningCLI's merge of a checkpoint's hyper-parameters into the config (``class_path``:
@@ -255,12 +293,15 @@ class RaserecCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_model_fits_data("validate")
+        self._load_encoder_record()
 
     def before_test(self) -> None:
         self._check_model_fits_data("test")
+        self._load_encoder_record()
 
     def before_predict(self) -> None:
         self._check_model_fits_data("predict")
+        self._load_encoder_record()
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:

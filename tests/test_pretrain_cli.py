@@ -135,6 +135,35 @@ def test_predict_writes_original_ids(debug_run: Path, tmp_path: Path) -> None:
     assert top["rank_1"].min() >= 1 and top["rank_1"].max() <= 12_101
 
 
+def test_an_encoder_record_is_evaluated_like_its_checkpoint(debug_run: Path, tmp_path: Path, capsys) -> None:
+    """``raserec test --ckpt_path results/<name>/seed_<s>/encoder.pt`` (a committed reference
+    encoder, no Lightning state): the same metrics and per-query ranks as its checkpoint; a fit
+    from it, a config of another model class or another encoder shape: one error line."""
+    from raserec.checkpoint import save_encoder
+
+    best = debug_run / "run" / "best.ckpt"
+    encoder, data = load_encoder(best)
+    record = save_encoder(encoder, tmp_path / "encoder.pt", data)
+    base = ["--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+            *_overrides(tmp_path), "--trainer.limit_test_batches", "4"]
+    for name, ckpt in (("ckpt", best), ("record", record)):
+        assert main(["test", *base, "--ckpt_path", str(ckpt), "--results.path", str(tmp_path / f"{name}.json")]) == 0
+    by_ckpt, by_record = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("ckpt", "record"))
+    assert by_record == by_ckpt and by_ckpt["test/HR@50"] > 0
+    assert np.array_equal(np.load(tmp_path / "record.ranks_test.npz")["rank"],
+                          np.load(tmp_path / "ckpt.ranks_test.npz")["rank"])
+    capsys.readouterr()
+    cases = [(["fit", *base, "--ckpt_path", str(record)], "cannot resume a fit"),
+             (["test", "--config", str(CONFIGS / "beauty_raft.yaml"), *_overrides(tmp_path), "--ckpt_path", str(record)],
+              "evaluate it with a pre-training config"),
+             (["test", *base, "--model.init_args.encoder.init_args.hidden_size", "32", "--ckpt_path", str(record)],
+              "does not fit the config's")]
+    for args, expected in cases:
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and expected in err[0], err
+
+
 def _short_fit(seed: int, max_epochs: int, ckpt_dir: Path | None = None, resume: str | None = None):
     L.seed_everything(seed, workers=True)
     dm = SequenceDataModule(require(BEAUTY), batch_size=64, cache_dir=None)
