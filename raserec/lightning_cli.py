@@ -26,14 +26,20 @@ from raserec.results import ResultsWriter
 log = logging.getLogger(__name__)
 
 
-def _init_parameters(class_path: str) -> set[str] | None:
-    """The keyword arguments ``class_path``'s constructor takes (``None``: any, or unknown). The
-    class is the one the user's config names, already imported by the parser."""
+def _model_class(class_path: str) -> type | None:
+    """The model class ``class_path`` names (the config's, already imported by the parser)."""
     module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_parameters(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls`` takes (``None``: any, or unknown)."""
+    try:
         params = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
@@ -188,7 +194,7 @@ class RaserecCLI(LightningCLI):
             raise CheckpointError(f"{ckpt_path} is a {saved.rsplit('.', 1)[-1]} checkpoint, but the config runs "
                                   f"{configured.rsplit('.', 1)[-1]}; pass the config the checkpoint was trained with")
         try:
-            self._merge_ckpt_hparams(dict(hparams), saved)
+            self._merge_ckpt_hparams(ckpt_path, dict(hparams), saved, configured)
         except (SystemExit, ConfigError) as exc:
             raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit the config's model "
                                   f"{configured}; pass the config the checkpoint was trained with") from exc
@@ -230,21 +236,26 @@ class RaserecCLI(LightningCLI):
                                   "with") from exc
         log.info("evaluating the encoder record %s", path)
 
-    def _merge_ckpt_hparams(self, hparams: dict, class_path: str | None) -> None:
+    def _merge_ckpt_hparams(self, ckpt_path: str, hparams: dict, class_path: str | None,
+                            configured: str | None) -> None:
         """LightningCLI's merge of a checkpoint's hyper-parameters into the config (``class_path``:
-        the class the checkpoint saved, the config's by the check above), minus those the model
-        class does not take: a module that fixes an argument of its parent (GRASP: its
-        objectives) saved it in checkpoints written before 2026-12-05, and passing it back would
-        fail inside the class."""
+        the class the checkpoint saved; ``configured``: the config's, the same by the check above),
+        minus the parent arguments the model fixes itself: GRASP saved its fixed ``objectives``
+        in checkpoints written before 2026-12-05, and passing them back failed inside the class.
+        Any other argument the class does not take still fails, as one error line."""
         hparams.pop("_instantiator", None)
         hparams.pop("_class_path", None)
-        accepted = _init_parameters(class_path) if class_path else None
-        if accepted is not None:
-            dropped = sorted(set(hparams) - accepted)
-            for key in dropped:
-                hparams.pop(key)
-            if dropped:
-                log.info("checkpoint hyper-parameters the model does not take, ignored: %s", ", ".join(dropped))
+        cls = _model_class(class_path or configured or "")
+        fixed = [k for k in getattr(cls, "FIXED_HYPERPARAMETERS", ()) if k in hparams]
+        for key in fixed:
+            hparams.pop(key)
+        if fixed:
+            log.info("checkpoint hyper-parameters the model fixes itself, ignored: %s", ", ".join(fixed))
+        accepted = _init_parameters(cls) if cls is not None else None
+        unknown = sorted(set(hparams) - accepted) if accepted is not None else []
+        if unknown:  # else a TypeError deep inside jsonargparse's instantiation
+            raise CheckpointError(f"{ckpt_path}: hyper-parameters {', '.join(unknown)} are not arguments of "
+                                  f"{cls.__name__}; was it written by another version of raserec?")
         if not hparams:
             return
         subcommand = self.config.subcommand

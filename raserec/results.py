@@ -181,6 +181,8 @@ class ResultsWriter(L.Callback):
         if query_ranks is not None and trainer.datamodule is not None:
             record["ranks_file"] = write_query_ranks(ranks_path(self.path), *query_ranks,
                                                      trainer.datamodule.pairs("test")).name
+        else:  # a rank file left by an earlier run of another model must not pass for this one's
+            ranks_path(self.path).unlink(missing_ok=True)
         write_results(self.path, record)  # last: its existence marks the run finished
 
 
@@ -192,9 +194,10 @@ def ranks_path(results_path: str | Path) -> Path:
 
 def write_query_ranks(path: Path, rows: np.ndarray, ranks: np.ndarray, pairs: Any) -> Path:
     """Per-query ranks with the identity of each query (user, prefix end, target), so that a
-    comparison can check that two models ranked the same queries."""
+    comparison can check that two models ranked the same queries, and ``queries_total``, the
+    number of test queries (more than the rows when the test pass was limited)."""
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, row=rows, user=pairs.user[rows], end=pairs.end[rows], target=pairs.target[rows],
-                        rank=ranks)
+                        rank=ranks, queries_total=np.int64(len(pairs)))
     tmp.replace(path)
     return path

@@ -32,7 +32,8 @@ def _two_stage(root: Path, seed: int, encoder: np.ndarray, finetune: np.ndarray)
 def _one_stage(root: Path, seed: int, ranks: np.ndarray, queries: dict[str, np.ndarray] | None = None) -> None:
     d = root / f"seed_{seed}"
     d.mkdir(parents=True, exist_ok=True)
-    np.savez(d / "pretrain.ranks_test.npz", row=np.arange(QUERIES), rank=ranks, **(queries or _queries(seed)))
+    np.savez(d / "pretrain.ranks_test.npz", row=np.arange(QUERIES), rank=ranks, queries_total=np.int64(QUERIES),
+             **(queries or _queries(seed)))
 
 
 @pytest.fixture
@@ -109,13 +110,15 @@ def test_cli_writes_a_results_file(experiments, capsys) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing dir", "bad column", "other queries", "no common seed", "seed missing",
-                                  "bad out"])
+                                  "bad out", "out is a dir", "damaged file", "foreign file", "partial"])
 def test_bad_input_is_one_error_line(experiments, tmp_path, capsys, case) -> None:
     base, method, _ = experiments
     args = [str(base), str(method)]
     expected = {"missing dir": "no such experiment directory", "bad column": "unknown column 'best'",
                 "other queries": "did not rank the same test queries", "no common seed": "no seed with per-query",
-                "seed missing": "seed 7 has no per-query test ranks", "bad out": "must be a .json file"}[case]
+                "seed missing": "seed 7 has no per-query test ranks", "bad out": "must end in .json",
+                "out is a dir": "is a directory", "damaged file": "unreadable ranks file",
+                "foreign file": "not a per-query ranks file", "partial": "covers only 100 test queries"}[case]
     if case == "missing dir":
         args[0] = str(tmp_path / "nope")
     elif case == "bad column":
@@ -130,9 +133,41 @@ def test_bad_input_is_one_error_line(experiments, tmp_path, capsys, case) -> Non
         args[0] = str(lonely)
     elif case == "seed missing":
         args += ["--seeds", "1", "7"]
-    else:
+    elif case == "bad out":
         args += ["--out", str(tmp_path / "x.txt")]
+    elif case == "out is a dir":
+        (tmp_path / "x.json").mkdir()
+        args += ["--out", str(tmp_path / "x.json")]
+    elif case == "damaged file":
+        (method / "seed_1" / "ranks_test.npz").write_bytes(b"PK\x03\x04 cut short")
+    elif case == "foreign file":
+        np.savez(base / "seed_1" / "pretrain.ranks_test.npz", weights=np.zeros(3))
+    else:  # a limited test pass: 100 of the queries
+        q = {k: v[:100] for k, v in _queries(1).items()}
+        np.savez(base / "seed_1" / "pretrain.ranks_test.npz", row=np.arange(100), rank=np.zeros(100, int),
+                 queries_total=np.int64(QUERIES), **q)
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
     assert not list(method.glob("vs_*.json"))  # nothing written
+
+
+def test_a_complete_column_wins_over_a_limited_stage_file_and_names_parse(experiments, tmp_path) -> None:
+    from raserec.experiments.compare import available_ranks, default_output
+
+    _, method, base_ranks = experiments
+    seed_dir = method / "seed_1"
+    q = {k: v[:100] for k, v in _queries(1).items()}
+    np.savez(seed_dir / "finetune.ranks_test.npz", row=np.arange(100), rank=np.zeros(100, int),
+             queries_total=np.int64(QUERIES), **q)
+    found = available_ranks(seed_dir)
+    assert found["finetune"].source.endswith("ranks_test.npz[finetune]") and found["finetune"].complete
+    # a trailing slash, a column, and a directory whose own name has a colon
+    assert Side.parse(f"{method}/").directory == method
+    assert Side.parse(f"{method}/:pretrain").column == "pretrain"
+    odd = tmp_path / "exp:v2"
+    odd.mkdir()
+    side = Side.parse(str(odd))
+    assert side.directory == odd and side.column is None and side.label == "exp:v2"
+    assert default_output(Side(method, "pretrain"), Side(method, None)).name == "vs_raserec_pretrain.json"
+    assert compare(Side(method, "pretrain"), Side(method, None), seeds=[2, 2])["seeds"] == [2]

@@ -152,6 +152,11 @@ def test_an_encoder_record_is_evaluated_like_its_checkpoint(debug_run: Path, tmp
     assert by_record == by_ckpt and by_ckpt["test/HR@50"] > 0
     assert np.array_equal(np.load(tmp_path / "record.ranks_test.npz")["rank"],
                           np.load(tmp_path / "ckpt.ranks_test.npz")["rank"])
+    # the same results file without ranks: the earlier rank file goes too (it would pass for this run's)
+    assert main(["test", *base, "--ckpt_path", str(record), "--results.path", str(tmp_path / "record.json"),
+                 "--results.ranks", "false"]) == 0
+    assert "ranks_file" not in json.loads((tmp_path / "record.json").read_text())
+    assert not (tmp_path / "record.ranks_test.npz").exists()
     capsys.readouterr()
     cases = [(["fit", *base, "--ckpt_path", str(record)], "cannot resume a fit"),
              (["test", "--config", str(CONFIGS / "beauty_raft.yaml"), *_overrides(tmp_path), "--ckpt_path", str(record)],

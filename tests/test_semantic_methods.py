@@ -641,7 +641,7 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
 
 
 def test_a_grasp_checkpoint_tests_from_the_cli_also_one_saved_before_the_fix(beauty_slice, tmp_path,
-                                                                            monkeypatch) -> None:
+                                                                            monkeypatch, capsys) -> None:
     """``raserec test --ckpt_path`` on a GRASP checkpoint reproduces the fit's test pass, ranks
     file included. GRASP fixes its parent's ``objectives``; checkpoints written before
     2026-12-05 saved them, and merging them back used to crash the CLI with a traceback."""
@@ -674,3 +674,10 @@ def test_a_grasp_checkpoint_tests_from_the_cli_also_one_saved_before_the_fix(bea
         assert not list(cwd.iterdir())  # no logger, no log directory: no config.yaml in the working directory
         assert json.loads((tmp_path / f"{name}.json").read_text())["metrics"] == fitted["metrics"]
         assert np.array_equal(np.load(tmp_path / f"{name}.ranks_test.npz")["rank"], fit_ranks["rank"])
+    # any other argument the class does not take: one error line, not a traceback from jsonargparse
+    blob["hyper_parameters"]["renamed_option"] = 3
+    torch.save(blob, old)
+    capsys.readouterr()
+    assert main(["test", *common, "--ckpt_path", str(old), "--trainer.logger", "false"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "renamed_option are not arguments of GRASPModule" in err[0], err

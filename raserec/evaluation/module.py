@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import random
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -172,10 +173,12 @@ class RecommenderModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        self.test_query_ranks = None
-        if self.test_ranks.update_called:
-            rows, ranks = self.test_ranks.compute()  # gathered across processes
-            self.test_query_ranks = (rows.cpu().numpy(), ranks.cpu().numpy()) if rows.numel() else None
+        # Every process enters the gather, also one whose share of the queries was empty (its
+        # states are empty: torchmetrics warns that update was never called).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before the .*update", category=UserWarning)
+            rows, ranks = self.test_ranks.compute()
+        self.test_query_ranks = (rows.cpu().numpy(), ranks.cpu().numpy()) if rows.numel() else None
         self.test_ranks.reset()
 
     # Resuming must continue the same random streams (data order, dropout), not fresh ones.

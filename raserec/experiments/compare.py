@@ -13,7 +13,8 @@ exists, else ``pretrain``). So ``raserec compare results/beauty_raserec results/
 tests the semantic-keys RAFT against plain RAFT, and ``results/beauty_raserec:pretrain`` names
 RaSeRec's own encoder.
 
-Writes ``results/<other>/vs_<base>.json`` (a results file: per-seed paired t and Wilcoxon tests,
+Writes ``results/<other>/vs_<base>.json`` (``vs_<base>_<column>_<column>.json`` where columns are
+named; a results file: per-seed paired t and Wilcoxon tests,
 both models' metrics, and a t-test over seed means when there are several seeds).
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 from raserec.errors import RaserecError
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.summary import TEST_KEYS, across_seeds, all_hardware, paired_tests
+from raserec.outputs import check_output_file
 from raserec.results import hardware, write_results
 
 #: Stage columns a comparison can name.
@@ -42,7 +44,7 @@ _SEED_DIR = re.compile(r"seed_(\d+)$")
 
 
 @dataclass(frozen=True)
-class QueryRanks:
+class RankColumn:
     """One model's test ranks and the identity of each query."""
 
     user: np.ndarray
@@ -50,8 +52,9 @@ class QueryRanks:
     target: np.ndarray
     rank: np.ndarray
     source: str
+    complete: bool = True  # False: a test pass limited to some of the queries
 
-    def same_queries(self, other: QueryRanks) -> bool:
+    def same_queries(self, other: RankColumn) -> bool:
         return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("user", "end", "target"))
 
 
@@ -64,22 +67,30 @@ class Side:
 
     @classmethod
     def parse(cls, text: str) -> Side:
-        path, _, column = text.rpartition(":") if ":" in Path(text).name else (text, "", "")
-        if column and column not in COLUMNS:
-            raise RaserecError(f"{text}: unknown column {column!r}; choose one of {', '.join(COLUMNS)}")
+        """``EXP`` or ``EXP:COLUMN`` (an existing directory whose name has a colon is taken whole)."""
+        text = text.rstrip("/") or text
+        path, column = text, ""
+        if not Path(text).is_dir() and ":" in Path(text).name:
+            path, _, column = text.rpartition(":")
+            if column not in COLUMNS:
+                raise RaserecError(f"{text}: unknown column {column!r}; choose one of {', '.join(COLUMNS)}")
         directory = Path(path)
         if not directory.is_dir():
             raise RaserecError(f"{directory}: no such experiment directory (results/<name>/)")
         return cls(directory, column or None)
 
     @property
+    def name(self) -> str:
+        return self.directory.resolve().name
+
+    @property
     def label(self) -> str:
-        return self.directory.name + (f":{self.column}" if self.column else "")
+        return self.name + (f":{self.column}" if self.column else "")
 
     def seeds(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _SEED_DIR.match(p.name)))
 
-    def ranks(self, seed: int) -> QueryRanks | None:
+    def ranks(self, seed: int) -> RankColumn | None:
         """The ranks of ``seed`` in this side's column, or ``None`` when that seed has none."""
         found = available_ranks(self.directory / f"seed_{seed}")
         if self.column is not None:
@@ -87,21 +98,39 @@ class Side:
         return found.get("finetune") or found.get("pretrain")
 
 
-def available_ranks(seed_dir: Path) -> dict[str, QueryRanks]:
-    """Every column of ranks a seed directory holds (stage files win over ``ranks_test.npz``:
-    they are what the stage's own test pass ranked)."""
-    out: dict[str, QueryRanks] = {}
+def available_ranks(seed_dir: Path) -> dict[str, RankColumn]:
+    """Every column of ranks a seed directory holds. A stage's own file wins over the runner's
+    ``ranks_test.npz`` (it is what that stage's test pass ranked) unless it covers only part of
+    the test queries (a limited test pass)."""
+    out: dict[str, RankColumn] = {}
     raft = seed_dir / "ranks_test.npz"
     if raft.is_file():
-        with np.load(raft) as z:
-            for column, key in _RAFT_FILE_COLUMNS.items():
-                out[column] = QueryRanks(z["user"], z["end"], z["target"], z[key], f"{raft}[{key}]")
+        z = _load(raft, ("user", "end", "target", *_RAFT_FILE_COLUMNS.values()))
+        for column, key in _RAFT_FILE_COLUMNS.items():
+            out[column] = RankColumn(z["user"], z["end"], z["target"], z[key], f"{raft}[{key}]")
     for column in COLUMNS:
         path = seed_dir / f"{column}.ranks_test.npz"
         if path.is_file():
-            with np.load(path) as z:
-                out[column] = QueryRanks(z["user"], z["end"], z["target"], z["rank"], str(path))
+            z = _load(path, ("user", "end", "target", "rank", "queries_total"))
+            own = RankColumn(z["user"], z["end"], z["target"], z["rank"], str(path),
+                             complete=len(z["rank"]) == int(z["queries_total"]))
+            if own.complete or column not in out:
+                out[column] = own
     return out
+
+
+def _load(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` file, or one error line for a damaged or foreign one."""
+    try:
+        with np.load(path) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise RaserecError(f"{path}: not a per-query ranks file (missing {', '.join(missing)})")
+            return {k: z[k] for k in keys}
+    except RaserecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, pickle-refusal and format errors alike: a bad file
+        raise RaserecError(f"{path}: unreadable ranks file ({type(exc).__name__}: {exc})") from exc
 
 
 def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str, Any]:
@@ -111,9 +140,11 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
     if seeds is None:
         seeds = [s for s in sorted(set(base.seeds()) & set(other.seeds()))
                  if base.ranks(s) is not None and other.ranks(s) is not None]
-        if not seeds:
-            raise RaserecError(f"{base.label} and {other.label} have no seed with per-query test ranks in common "
-                               f"(seed_<s>/ranks_test.npz or seed_<s>/<stage>.ranks_test.npz)")
+    else:
+        seeds = sorted(set(seeds))
+    if not seeds:
+        raise RaserecError(f"{base.label} and {other.label} have no seed with per-query test ranks in common "
+                           f"(seed_<s>/ranks_test.npz or seed_<s>/<stage>.ranks_test.npz)")
     per_seed: dict[str, Any] = {}
     means: dict[str, list[dict[str, float]]] = {"base": [], "other": []}
     for seed in seeds:
@@ -122,6 +153,10 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
             if ranks is None:
                 raise RaserecError(f"{side.label}: seed {seed} has no per-query test ranks")
         assert a is not None and b is not None
+        for ranks in (a, b):
+            if not ranks.complete:
+                raise RaserecError(f"{ranks.source} covers only {len(ranks.rank)} test queries (a test pass limited "
+                                   "by trainer.limit_test_batches?); re-test on all of them")
         if not a.same_queries(b):
             raise RaserecError(f"seed {seed}: {a.source} and {b.source} did not rank the same test queries "
                                f"({len(a.rank)} vs {len(b.rank)}; other data, or a limited test pass?)")
@@ -143,8 +178,8 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
         "relative_change_pct": {f"test/{k}": 100.0 * (other_mean[k] - base_mean[k]) / base_mean[k]
                                 for k in other_mean if base_mean[k]},
         "paired_test_per_seed": per_seed,
-        "paired_test_across_seeds": across_seeds([m["other"] for m in per_seed.values()],
-                                                 [m["base"] for m in per_seed.values()]),
+        "paired_test_across_seeds": across_seeds([m["base"] for m in per_seed.values()],
+                                                 [m["other"] for m in per_seed.values()]),
         "notes": ("per seed: two-sided paired t-test and Wilcoxon signed-rank test over the test queries "
                   f"({', '.join(TEST_KEYS)}); across seeds (2 or more): paired t-test over the seed means. "
                   f"Models trained on: {_trained_on(base.directory, other.directory, seeds)}"),
@@ -155,22 +190,31 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RaserecError(f"{path}: unreadable results file ({type(exc).__name__})") from exc
+    if not isinstance(record, dict):
+        raise RaserecError(f"{path}: not a results file (a JSON {type(record).__name__})")
+    return record
+
+
 def _dataset(directory: Path) -> str:
     summary = directory / "summary.json"
-    if summary.is_file():
-        return str(json.loads(summary.read_text()).get("dataset", ""))
-    return ""
+    return str(_json(summary).get("dataset", "")) if summary.is_file() else ""
 
 
 def _trained_on(base: Path, other: Path, seeds: list[int]) -> str:
-    records = [json.loads(p.read_text()) for d in (base, other) for s in seeds for stage in COLUMNS
+    records = [_json(p) for d in (base, other) for s in seeds for stage in COLUMNS
                if (p := d / f"seed_{s}" / f"{stage}.json").is_file()]
     return all_hardware(records) or "unknown"
 
 
 def default_output(base: Side, other: Side) -> Path:
+    """``OTHER/vs_<base>[_<base column>][_<other column>].json``."""
     suffix = f"_{other.column}" if other.column else ""
-    base_name = base.directory.name + (f"_{base.column}" if base.column else "")
+    base_name = base.name + (f"_{base.column}" if base.column else "")
     return other.directory / f"vs_{base_name}{suffix}.json"
 
 
@@ -186,9 +230,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="output JSON (default: OTHER/vs_<base>.json)")
     args = parser.parse_args(argv)
     base, other = Side.parse(args.base), Side.parse(args.other)
-    out = args.out or default_output(base, other)
-    if out.suffix != ".json":
-        raise RaserecError(f"{out}: the output must be a .json file")
+    out = check_output_file(args.out or default_output(base, other), "comparison file", (".json",))
     record = compare(base, other, args.seeds)
     record["command"] = "raserec compare " + " ".join(argv)
     write_results(out, record)

@@ -280,6 +280,9 @@ def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
 
     spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / "encoder.pt", spec.encoder_record(seed))
+    ranks = source / "pretrain.ranks_test.npz"  # named by the record's ranks_file, so it travels with it
+    if ranks.is_file():
+        shutil.copy2(ranks, spec.seed_dir(seed) / ranks.name)
     record = json.loads((source / "pretrain.json").read_text())
     record["adopted_from"] = str(source)  # the summary does not count its wall time again
     write_results(spec.stage_results(seed, "pretrain"), record)  # last: it marks stage 1 done

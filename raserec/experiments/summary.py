@@ -54,8 +54,9 @@ def paired_tests(base: np.ndarray, tuned: np.ndarray) -> dict[str, dict[str, flo
     return out
 
 
-def across_seeds(tuned: list[dict[str, float]], base: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
-    """Paired t-test over the seeds' means (one value per seed and model); empty for one seed."""
+def across_seeds(base: list[dict[str, float]], tuned: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Paired t-test of ``tuned`` against ``base`` over the seeds' means (one value per seed and
+    model, in :func:`paired_tests`' order); empty for one seed."""
     across: dict[str, dict[str, float | None]] = {}
     if len(tuned) > 1:
         for k in TEST_KEYS:
@@ -129,7 +130,7 @@ def summarize(spec) -> dict[str, Any]:
     # (its plain top-100 list), as ``base/test/<k>`` beside the model's metrics.
     base_same_protocol = _aggregate(per_seed, "base_same_protocol")
     base = {f"base/{k}": v for k, v in base_same_protocol.items()}
-    across = across_seeds([e["finetune"] for e in per_seed], [e["encoder"] for e in per_seed])
+    across = across_seeds([e["encoder"] for e in per_seed], [e["finetune"] for e in per_seed])
     paper_names = PAIRS.get((dataset, spec.backbone))
     paper = {name: RASEREC[(dataset, name)] for name in paper_names} if paper_names else {}
     if base:  # Ada-Retrieval (top-50 protocol): its own paper's SASRec rows, never RaSeRec's

@@ -87,6 +87,9 @@ class GRASPModule(PretrainModule):
             :class:`~raserec.evaluation.module.RecommenderModule`'s).
     """
 
+    #: PretrainModule arguments GRASP sets itself (not saved; the CLI drops them from older checkpoints).
+    FIXED_HYPERPARAMETERS = ("objectives", "positive_pair")
+
     def __init__(
         self,
         num_items: int,
@@ -112,7 +115,7 @@ class GRASPModule(PretrainModule):
         super().__init__(num_items, encoder, positive_pair="none", objectives=[NextItemCE()], lr=lr,
                          weight_decay=weight_decay, metric_ks=metric_ks, mask_history=mask_history,
                          predict_top_n=predict_top_n)
-        for fixed in ("objectives", "positive_pair"):  # GRASP's own choice, not arguments it takes
+        for fixed in self.FIXED_HYPERPARAMETERS:  # GRASP's own choice, not arguments it takes
             self.hparams.pop(fixed, None)
         self.hparams["semantic"] = asdict(semantic)  # plain data in the checkpoint
         self.hparams["hae"] = asdict(hae)
