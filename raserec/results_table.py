@@ -226,6 +226,34 @@ def cost_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results_dir: Path) -> str:
+    """Every ``raserec compare`` record (``results/<experiment>/vs_*.json``): the relative change of
+    the means and, per seed, the paired t-test's p-value, for NDCG@10 and HR@10."""
+    lines = ["| comparison | dataset | seeds | NDCG@10 | p per seed (NDCG@10) | HR@10 | p per seed (HR@10) | "
+             "p across seeds (NDCG@10) | file | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(results_dir.glob("*/vs_*.json")):
+        r = json.loads(path.read_text())
+        per_seed = r.get("paired_test_per_seed", {})
+        if not per_seed or "paired_test" not in next(iter(per_seed.values())):
+            continue  # not a raserec compare record
+        base, other = r.get("base_metrics", {}), r.get("metrics", {})
+        p_ndcg, p_hr = (", ".join(f"{e['paired_test'][key]['p_ttest']:.2g}" for e in per_seed.values())
+                        for key in ("NDCG@10", "HR@10"))
+        across = r.get("paired_test_across_seeds", {}).get("NDCG@10")
+        p_across = f"{across['p_ttest']:.2g}" if across else ""
+        lines.append(
+            f"| {r['model'].split(', same test')[0]} | {r.get('dataset', '')} | "
+            f"{', '.join(map(str, r['seeds']))} | "
+            f"{_fmt(base.get('test/NDCG@10'))} -> {_fmt(other.get('test/NDCG@10'))} "
+            f"({relative_gain(other.get('test/NDCG@10'), base.get('test/NDCG@10'))}) | {p_ndcg} | "
+            f"{_fmt(base.get('test/HR@10'))} -> {_fmt(other.get('test/HR@10'))} "
+            f"({relative_gain(other.get('test/HR@10'), base.get('test/HR@10'))}) | {p_hr} | "
+            f"{p_across} | {path.relative_to(results_dir.parent)} | "
+            f"`{r.get('command', '')}` |")
+    return "\n".join(lines)
+
+
 def analyses_table(results_dir: Path) -> str:
     lines = ["| analysis | dataset | model | model checkpoint | wall time | hardware | command | files |",
              "|---|---|---|---|---|---|---|---|"]
@@ -258,6 +286,8 @@ def render(results_dir: Path) -> str:
             f"Made by `raserec experiment` / `make reproduce`; per-seed files, paired tests and configs in "
             f"`results/<experiment>/`.\n\n{experiments_table(results_dir)}\n\n"
             f"### Semantic methods vs the same SASRec (test set, full ranking)\n\n{semantic_table(results_dir)}\n\n"
+            f"### Paired comparisons (`raserec compare`, per-query tests on the same test queries)\n\n"
+            f"{paired_table(results_dir)}\n\n"
             f"### Single runs (test set, full ranking)\n\n{quality_table(results)}\n\n"
             f"### Ada-Retrieval (top-50 lists)\n\n{ada_table(results)}\n\n"
             f"### Analyses (`raserec analyze`)\n\n{analyses_table(results_dir)}\n\n"

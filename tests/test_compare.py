@@ -171,3 +171,21 @@ def test_a_complete_column_wins_over_a_limited_stage_file_and_names_parse(experi
     assert side.directory == odd and side.column is None and side.label == "exp:v2"
     assert default_output(Side(method, "pretrain"), Side(method, None)).name == "vs_raserec_pretrain.json"
     assert compare(Side(method, "pretrain"), Side(method, None), seeds=[2, 2])["seeds"] == [2]
+
+
+def test_the_readme_table_lists_each_comparison_with_its_p_values(experiments) -> None:
+    from raserec.results_table import paired_table
+
+    base, method, _ = experiments
+    assert main(["compare", str(base), str(method)]) == 0
+    record = json.loads((method / "vs_sasrec.json").read_text())
+    (method / "vs_notes.json").write_text(json.dumps({"notes": "not a comparison"}))  # ignored
+    rows = paired_table(base.parent).splitlines()[2:]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[0] == "raserec vs sasrec" and cells[2] == "1, 2, 3"
+    p_ndcg = [f"{record['paired_test_per_seed'][s]['paired_test']['NDCG@10']['p_ttest']:.2g}" for s in ("1", "2", "3")]
+    assert cells[4] == ", ".join(p_ndcg)
+    gain = record["relative_change_pct"]["test/NDCG@10"]
+    assert cells[3].endswith(f"(+{gain:.1f}%)") and gain > 0
+    assert cells[7] == f"{record['paired_test_across_seeds']['NDCG@10']['p_ttest']:.2g}"
