@@ -243,7 +243,7 @@ def paired_table(results_dir: Path) -> str:
         across = r.get("paired_test_across_seeds", {}).get("NDCG@10")
         p_across = f"{across['p_ttest']:.2g}" if across else ""
         lines.append(
-            f"| {r['model'].split(', same test')[0]} | {r.get('dataset', '')} | "
+            f"| {r['other']} vs {r['base']} | {r.get('dataset', '')} | "
             f"{', '.join(map(str, r['seeds']))} | "
             f"{_fmt(base.get('test/NDCG@10'))} -> {_fmt(other.get('test/NDCG@10'))} "
             f"({relative_gain(other.get('test/NDCG@10'), base.get('test/NDCG@10'))}) | {p_ndcg} | "

@@ -24,16 +24,12 @@ from raserec.benchmarks.common import save
 from raserec.data.batch import PretrainBatch
 from raserec.data.datamodule import SequenceDataModule
 from raserec.models import layers
+from raserec.models.layers import float_keep_mask  # the former mask of every rate
 from raserec.pretrain.module import PretrainModule
 from raserec.runtime import tune_allocator
 
 #: (Adam foreach, byte masks) per variant; "former" is the code before 2026-12-05.
 VARIANTS = {"former": (False, False), "foreach": (True, False), "byte_masks": (False, True), "both": (True, True)}
-
-
-def float_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The former mask: a float draw per element compared with ``p`` (any rate)."""
-    return torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
 
 
 @contextlib.contextmanager

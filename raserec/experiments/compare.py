@@ -137,18 +137,16 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
     """Paired tests of ``other`` against ``base`` on every seed both have ranks for (or on
     ``seeds``, each of which must have them on both sides)."""
     start = time.perf_counter()
+    candidates = sorted(set(base.seeds()) & set(other.seeds())) if seeds is None else sorted(set(seeds))
+    loaded = {s: (base.ranks(s), other.ranks(s)) for s in candidates}  # each file read once
     if seeds is None:
-        seeds = [s for s in sorted(set(base.seeds()) & set(other.seeds()))
-                 if base.ranks(s) is not None and other.ranks(s) is not None]
-    else:
-        seeds = sorted(set(seeds))
-    if not seeds:
+        candidates = [s for s, (a, b) in loaded.items() if a is not None and b is not None]
+    if not candidates:
         raise RaserecError(f"{base.label} and {other.label} have no seed with per-query test ranks in common "
                            f"(seed_<s>/ranks_test.npz or seed_<s>/<stage>.ranks_test.npz)")
     per_seed: dict[str, Any] = {}
-    means: dict[str, list[dict[str, float]]] = {"base": [], "other": []}
-    for seed in seeds:
-        a, b = base.ranks(seed), other.ranks(seed)
+    for seed in candidates:
+        a, b = loaded[seed]
         for side, ranks in ((base, a), (other, b)):
             if ranks is None:
                 raise RaserecError(f"{side.label}: seed {seed} has no per-query test ranks")
@@ -160,18 +158,18 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
         if not a.same_queries(b):
             raise RaserecError(f"seed {seed}: {a.source} and {b.source} did not rank the same test queries "
                                f"({len(a.rank)} vs {len(b.rank)}; other data, or a limited test pass?)")
-        ma, mb = metrics_from_ranks(a.rank, (5, 10, 20)), metrics_from_ranks(b.rank, (5, 10, 20))
-        means["base"].append(ma)
-        means["other"].append(mb)
-        per_seed[str(seed)] = {"base": ma, "other": mb, "queries": len(a.rank),
+        per_seed[str(seed)] = {"base": metrics_from_ranks(a.rank, (5, 10, 20)),
+                               "other": metrics_from_ranks(b.rank, (5, 10, 20)), "queries": len(a.rank),
                                "paired_test": paired_tests(a.rank, b.rank), "sources": [a.source, b.source]}
-    base_mean, other_mean = (_mean(means[k]) for k in ("base", "other"))
+    base_mean, other_mean = (_mean([e[side] for e in per_seed.values()]) for side in ("base", "other"))
     return {
         "command": "",
         "hardware": hardware(),
         "dataset": _dataset(other.directory),
         "model": f"{other.label} vs {base.label}, same test queries per seed",
-        "seeds": seeds,
+        "base": base.label,
+        "other": other.label,
+        "seeds": candidates,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "metrics": {f"test/{k}": v for k, v in other_mean.items()},
         "base_metrics": {f"test/{k}": v for k, v in base_mean.items()},
@@ -182,7 +180,7 @@ def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str
                                                  [m["other"] for m in per_seed.values()]),
         "notes": ("per seed: two-sided paired t-test and Wilcoxon signed-rank test over the test queries "
                   f"({', '.join(TEST_KEYS)}); across seeds (2 or more): paired t-test over the seed means. "
-                  f"Models trained on: {_trained_on(base.directory, other.directory, seeds)}"),
+                  f"Models trained on: {_trained_on(base.directory, other.directory, candidates)}"),
     }
 
 

@@ -32,15 +32,19 @@ def keep_mask(x: Tensor, p: float) -> Tensor:
     exactly: ``P(byte >= 256 p) = 1 - p``, and eight bytes come from one 64-bit draw (the
     generator's cost is per draw: 2.3x faster than ``rand`` on a 7000 x 256 mask). Other rates
     compare a float draw with ``p``."""
-    scale = 1.0 / (1.0 - p)
     threshold = p * 256
     if threshold == int(threshold):
         n = x.numel()
         bits = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
         keep = bits.view(torch.uint8)[:n].view(x.shape) >= int(threshold)
-        return keep.to(x.dtype).mul_(scale)
-    # In place in the draw's own float buffer: no bool tensor and no bool -> float copy.
-    return torch.rand_like(x).ge_(p).mul_(scale)
+        return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    return float_keep_mask(x, p)
+
+
+def float_keep_mask(x: Tensor, p: float) -> Tensor:
+    """:func:`keep_mask` from a float draw per element compared with ``p`` (any rate): made in
+    place in the draw's own buffer, no bool tensor and no bool -> float copy."""
+    return torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
 
 
 class FastDropout(nn.Module):
