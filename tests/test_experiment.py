@@ -13,7 +13,13 @@ from raserec.checkpoint import load_encoder
 from raserec.cli import main
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.compare import Side, available_ranks, compare
-from raserec.experiments.runner import ExperimentSpec, restore_carried, stage_command
+from raserec.experiments.runner import (
+    ExperimentSpec,
+    ranks_from_checkpoint,
+    ranks_from_stage_files,
+    restore_carried,
+    stage_command,
+)
 from raserec.experiments.summary import paired_tests
 
 pytestmark = pytest.mark.slow
@@ -309,11 +315,18 @@ def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():
 
 def test_each_stage_test_pass_writes_the_ranks_the_runner_recomputes(short_experiment):
     """Every stage's own test pass (Lightning loop, ``QueryRanks`` metric) writes its per-query
-    ranks; they must be exactly the ranks the runner recomputes outside the Trainer."""
-    results, _, name = short_experiment
+    ranks; they must be exactly the ranks recomputed outside the Trainer from the RAFT checkpoint
+    (what the runner falls back to), and the runner's ``ranks_test.npz`` combines them."""
+    results, runs, name = short_experiment
+    spec = ExperimentSpec(name=name, pretrain=Path("configs/beauty_pretrain.yaml"),
+                          finetune=Path("configs/beauty_raft.yaml"), seeds=[1, 2], results_dir=results, runs_dir=runs)
     for seed in (1, 2):
         seed_dir = results / name / f"seed_{seed}"
         raft = np.load(seed_dir / "ranks_test.npz")
+        recomputed = ranks_from_checkpoint(spec, seed)
+        assert set(recomputed) == set(raft.files)
+        for key in raft.files:
+            assert np.array_equal(recomputed[key], raft[key]), (seed, key)
         for stage, key in (("pretrain", "encoder"), ("finetune", "finetune")):
             record = json.loads((seed_dir / f"{stage}.json").read_text())
             assert record["ranks_file"] == f"{stage}.ranks_test.npz"
@@ -334,3 +347,30 @@ def test_each_stage_test_pass_writes_the_ranks_the_runner_recomputes(short_exper
         for field, value in test.items():
             got = record["paired_test_across_seeds"][key][field]
             assert got == value if value is None else got == pytest.approx(value, rel=1e-5, abs=1e-8), (key, field)
+
+
+def test_ranks_from_stage_files_orders_rows_and_refuses_partial_or_mismatched_files(tmp_path):
+    """The runner's ``ranks_test.npz`` from the stages' own files: rows put back in query order
+    (a DDP gather interleaves them); a limited test pass, a missing stage or different queries give
+    ``None`` (the runner then ranks again from the checkpoint)."""
+    n = 6
+    user, end, target = np.arange(n) * 3, np.arange(n) + 2, np.arange(n) + 10
+    order = np.array([0, 3, 1, 4, 2, 5])  # two processes' shards, gathered
+
+    def write(stage, rank, rows=order, total=n, tgt=target):
+        np.savez(tmp_path / f"{stage}.ranks_test.npz", row=rows, user=user[rows], end=end[rows], target=tgt[rows],
+                 rank=rank[rows], queries_total=np.int64(total))
+
+    assert ranks_from_stage_files(tmp_path) is None
+    encoder, tuned = np.array([5, 1, 9, 2, 7, 3]), np.array([4, 1, 2, 2, 8, 1])
+    write("pretrain", encoder)
+    assert ranks_from_stage_files(tmp_path) is None  # no fine-tuned stage yet
+    write("finetune", tuned, rows=np.arange(n))
+    got = ranks_from_stage_files(tmp_path)
+    assert got is not None
+    for key, want in (("user", user), ("end", end), ("target", target), ("encoder", encoder), ("finetune", tuned)):
+        assert np.array_equal(got[key], want), key
+    write("finetune", tuned, rows=np.arange(n - 1))  # limited test pass: 5 of 6 queries
+    assert ranks_from_stage_files(tmp_path) is None
+    write("finetune", tuned, rows=np.arange(n), tgt=target + 1)  # other queries
+    assert ranks_from_stage_files(tmp_path) is None

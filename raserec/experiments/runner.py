@@ -242,9 +242,47 @@ def export_encoder(spec: ExperimentSpec, seed: int) -> Path | None:
 
 
 def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
-    """Per-query test ranks of the pre-trained encoder and of the fine-tuned model, for the
-    paired significance test and per-group analyses (RAFT fine-tuning only). The RAFT checkpoint
-    embeds the frozen stage-1 encoder and records its data, so it alone gives both rankings."""
+    """Write ``ranks_test.npz``: per-query test ranks of the pre-trained encoder (``encoder``) and
+    of the fine-tuned model (``finetune``), for the paired significance test and per-group
+    analyses (RAFT fine-tuning only). Each stage's own test pass already wrote its ranks
+    (``<stage>.ranks_test.npz``), so they are combined; only where one is missing or partial are
+    both rankings recomputed from the RAFT checkpoint (:func:`ranks_from_checkpoint`)."""
+    ranks = ranks_from_stage_files(spec.seed_dir(seed))
+    if ranks is None:
+        log.info("seed %d: no complete per-stage rank files; ranking the test queries again", seed)
+        ranks = ranks_from_checkpoint(spec, seed)
+    path = spec.ranks_file(seed)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **ranks)
+    tmp.replace(path)
+
+
+def ranks_from_stage_files(seed_dir: Path) -> dict[str, np.ndarray] | None:
+    """The ``ranks_test.npz`` arrays from the stages' own rank files, in test-query order; ``None``
+    when a stage has none, or one that covers only part of the test queries (a limited test pass)
+    or other queries than the other stage's."""
+    columns: dict[str, dict[str, np.ndarray]] = {}
+    for stage in ("pretrain", "finetune"):
+        path = seed_dir / f"{stage}.ranks_test.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            if not {"row", "user", "end", "target", "rank", "queries_total"} <= set(z.files):
+                return None
+            order = np.argsort(z["row"], kind="stable")  # a DDP gather may interleave the rows
+            if not np.array_equal(z["row"][order], np.arange(int(z["queries_total"]))):
+                return None
+            columns[stage] = {k: z[k][order] for k in ("user", "end", "target", "rank")}
+    pre, fine = columns["pretrain"], columns["finetune"]
+    if not all(np.array_equal(pre[k], fine[k]) for k in ("user", "end", "target")):
+        return None
+    return {"user": pre["user"], "target": pre["target"], "end": pre["end"],
+            "encoder": pre["rank"], "finetune": fine["rank"]}
+
+
+def ranks_from_checkpoint(spec: ExperimentSpec, seed: int) -> dict[str, np.ndarray]:
+    """Both rankings recomputed outside the Trainer: the RAFT checkpoint embeds the frozen stage-1
+    encoder and records its data, so it alone gives both."""
     from raserec.analysis.evaluator import Evaluator, load_raft
     from raserec.evaluation.per_query import metrics_from_ranks
 
@@ -260,10 +298,7 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
                         "limited, e.g. by trainer.limit_test_batches?); the paired test uses all test queries",
                         seed, stage, recomputed, logged)
     pairs = dm.pairs("test")
-    path = spec.ranks_file(seed)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, user=pairs.user, target=pairs.target, end=pairs.end, encoder=base, finetune=tuned)
-    tmp.replace(path)
+    return {"user": pairs.user, "target": pairs.target, "end": pairs.end, "encoder": base, "finetune": tuned}
 
 
 def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
