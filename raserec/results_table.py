@@ -186,10 +186,14 @@ def semantic_table(results_dir: Path) -> str:
             " | NDCG@10 vs SASRec | HR@20 vs SASRec | seeds | file |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for prefix, entries in sorted(rows.items()):
-        base = next((m for model, m, _, name in entries if name == f"{prefix}_sasrec.json"), None)
+        base, base_seeds = next(((m, seeds) for model, m, seeds, name in entries if name == f"{prefix}_sasrec.json"),
+                                (None, None))
         for model, m, seeds, name in sorted(entries, key=lambda e: e[3] != f"{prefix}_sasrec.json"):
             gains = ["", ""] if base is None or name == f"{prefix}_sasrec.json" else [
                 relative_gain(m.get(f"test/{k}"), base.get(f"test/{k}")) for k in ("NDCG@10", "HR@20")]
+            if base is not None and seeds != base_seeds and name != f"{prefix}_sasrec.json":
+                # means over other seeds than SASRec's: a seed's split and init are not paired
+                gains = [f"{g} (SASRec seeds {base_seeds})" if g else g for g in gains]
             lines.append(f"| {prefix.capitalize()} | {model} | " +
                          " | ".join(mean_std(m, k, "," in seeds) for k in SEMANTIC_KEYS) +
                          f" | {gains[0]} | {gains[1]} | {seeds} | {name} |")

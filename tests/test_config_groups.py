@@ -93,6 +93,27 @@ def test_the_ce_baseline_differs_from_stage_one_only_in_the_retrieval_loss() -> 
     assert raw["lambda_ret"] == 0.0 and raw["positive_pair"] == "none"
 
 
+def test_semantic_rows_differ_from_their_baseline_only_in_the_method() -> None:
+    # Every semantic row is compared with the SASRec (or RaSeRec) row of the same data, encoder,
+    # schedule, optimiser and early stopping: only the method's own settings may differ.
+    def load(name: str, method_keys: tuple[str, ...]) -> dict:
+        cfg = yaml.safe_load((CONFIGS / "stage" / f"{name}.yaml").read_text())
+        cfg["results"].pop("model")
+        cfg["model"].pop("class_path")
+        for key in method_keys:
+            cfg["model"]["init_args"].pop(key, None)
+        return cfg
+
+    sasrec_only = ("positive_pair", "lambda_ret", "temperature", "similarity")
+    for name, keys in (("sracl", ("objectives",)), ("grasp", ("semantic", "hae", "similar_users"))):
+        assert load(name, keys + sasrec_only) == load("sasrec", sasrec_only), name
+    assert load("raft_semantic_keys", ("semantic", "semantic_weight")) == load("raft", ())
+    # ... and the method's settings are those of the papers' Beauty rows
+    sracl = yaml.safe_load((CONFIGS / "stage" / "sracl.yaml").read_text())["model"]["init_args"]["objectives"]
+    assert [o.get("init_args", {}).get("weight") for o in sracl] == [None, 0.1, 0.1]
+    assert sracl[1]["init_args"]["semantic"]["k"] == 10 and sracl[2]["init_args"]["substitution"] == 0.2
+
+
 def test_every_flat_run_config_has_a_composition() -> None:
     overlays = {"debug.yaml", "cpu_short.yaml", "ram_residual.yaml", "beauty_semantic_pretrain.yaml", "bf16.yaml",
                 "ada_authors.yaml", "grasp_id_residual.yaml"}

@@ -23,6 +23,7 @@ from raserec.pretrain.module import PretrainModule
 from raserec.pretrain.objectives import NextItemCE, objective_from_record
 from raserec.semantic.embedders import HashEmbedder, embed_cached, make_embedder
 from raserec.semantic.generators import OpenAICompatibleGenerator, PrecomputedGenerator, generate_cached
+from raserec.semantic.neighbours import semantic_neighbours
 from raserec.semantic.space import SemanticConfig, SemanticSpace
 from raserec.semantic.sracl import SRACLInterUser, SRACLIntraUser, Synthesiser, substitute
 from raserec.semantic.text import load_item_text, render_items
@@ -146,12 +147,34 @@ def test_prefix_neighbour_cache_follows_the_data_and_the_window(slice_dm, beauty
     assert len(list((tmp_path / "sem").glob("neighbours-*.npy"))) == 3
 
 
-def test_same_user_prefixes_dominate_without_the_exclusion(slice_dm, slice_space) -> None:
+def test_without_the_exclusion_only_shorter_prefixes_of_the_same_user_are_neighbours(slice_dm, slice_space) -> None:
+    """``exclude_same_user: false`` lets a user's shorter prefixes in (they fill the lists: a prefix
+    is most like its own sub-prefixes), never its longer ones, which contain its target."""
     cfg = replace(slice_space.config, exclude_same_user=False)
     rows = SemanticSpace(slice_dm, cfg, progress=False).prefix_neighbours
     train = slice_dm.pairs("train")
-    same = (train.user[rows] == train.user[:, None]).mean()
-    assert same > 0.2  # the official rule (exact prefix only) fills neighbour lists with the user itself
+    real = rows >= 0
+    same = real & (train.user[np.maximum(rows, 0)] == train.user[:, None])
+    assert same.sum() > 0.2 * real.sum()
+    assert (train.end[np.maximum(rows, 0)][same] < np.broadcast_to(train.end[:, None], rows.shape)[same]).all()
+    assert (rows != np.arange(len(rows))[:, None]).all()
+    # the same lists, shorter prefixes and other users alike, as without groups minus the longer prefixes
+    assert real.sum(1).min() == cfg.k
+
+
+def test_semantic_neighbours_order_rule_on_hand_made_vectors() -> None:
+    """Rows 0-2 are one user's prefixes (order 1, 2, 3), nearly identical; row 3 another user's."""
+    v = np.array([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02], [1.0, 0.5], [0.0, 0.0]], dtype=np.float32)
+    groups, order = np.array([0, 0, 0, 1, 2]), np.array([1, 2, 3, 1, 1])
+    rows, sims = semantic_neighbours(v, k=3, groups=groups, order=order)
+    assert rows[0].tolist() == [3, -1, -1]  # the longer prefixes 1 and 2 are never neighbours of 0
+    assert rows[1].tolist() == [0, 3, -1] and rows[2].tolist() == [1, 0, 3]
+    assert rows[4].tolist() == [-1, -1, -1] and (rows != 4).all()  # a zero row: no neighbours, never one
+    assert sims[0, 1:].tolist() == [0.0, 0.0] and sims[2, 0] > sims[2, 2]
+    rows, _ = semantic_neighbours(v, k=3, groups=groups)  # the whole group excluded
+    assert rows[:3, 0].tolist() == [3, 3, 3] and (rows[:3, 1:] == -1).all()
+    with pytest.raises(ValueError, match="groups"):
+        semantic_neighbours(v, k=3, order=order)
 
 
 # ------------------------------------------------------------- LLM step, caches
@@ -492,6 +515,11 @@ def test_semantic_table_gives_gains_over_the_same_sasrec(tmp_path) -> None:
     assert len(table) == 5 and "SASRec (CE)" in table[2]
     assert "| +10.0% | -5.0% | 2024 | beauty_grasp.json |" in table[3]
     assert "| -10.0% | +10.0% | 2024 | beauty_grasp_idres.json |" in table[4]
+    # a mean over other seeds than SASRec's says so beside its gain
+    record = json.loads((tmp_path / "beauty_grasp.json").read_text())
+    (tmp_path / "beauty_grasp.json").write_text(json.dumps({**record, "seeds": [2024, 2025]}))
+    row = semantic_table(tmp_path).splitlines()[3]
+    assert "| +10.0% (SASRec seeds 2024) | -5.0% (SASRec seeds 2024) | 2024, 2025 | beauty_grasp.json |" in row
 
 
 @pytest.mark.parametrize("backbone", ["GRU4Rec", "BERT4Rec"])
@@ -681,3 +709,101 @@ def test_a_grasp_checkpoint_tests_from_the_cli_also_one_saved_before_the_fix(bea
     assert main(["test", *common, "--ckpt_path", str(old), "--trainer.logger", "false"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "renamed_option are not arguments of GRASPModule" in err[0], err
+
+
+def test_semantic_neighbours_ivf_branch_never_uses_minus_one_and_finds_the_exact_neighbours(monkeypatch) -> None:
+    """Above ``EXACT_UP_TO`` rows the search is IVF: with one probed list many queries get fewer
+    candidates than asked, and Faiss's -1 must stay "none" (trailing, similarity 0), never row -1;
+    with the default 32 lists it must find nearly the exact neighbours."""
+    from raserec.semantic import neighbours
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(300, 16)).astype(np.float32)
+    v = centres[rng.integers(0, 300, 30_000)] + 0.3 * rng.normal(size=(30_000, 16)).astype(np.float32)
+    exact, _ = semantic_neighbours(v, k=10)  # 30,000 <= EXACT_UP_TO: flat index
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 1000)
+    for nprobe in (1, 32):
+        rows, sims = semantic_neighbours(v, k=10, nprobe=nprobe)
+        missing = rows < 0
+        assert (np.sort(missing, axis=1) == missing).all()  # -1 only after every real neighbour
+        assert (sims[missing] == 0).all() and (rows != np.arange(len(v))[:, None]).all()
+        if nprobe == 32:
+            recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(rows, exact, strict=True)])
+            assert recall >= 0.9, recall
+
+
+def test_grasp_test_metrics_do_not_depend_on_eval_batch_size(beauty_slice, slice_space, one_torch_thread) -> None:
+    """RecBole #1556 for GRASP, whose forward pass depends on the batch's make-up (HAE runs as wide
+    as the batch's longest row; the similar users come from tables chosen by which queries the batch
+    holds): the same ranks at eval batch 512 and 7 (a ragged last batch), up to the packed encoder's
+    ~1e-8 float effect on an exact tie, and logged metrics equal to those of the per-query ranks."""
+    import lightning as L
+
+    from raserec.evaluation.per_query import metrics_from_ranks, module_scores, query_ranks
+    from raserec.models.encoders import SASRec
+    from raserec.semantic.grasp import GRASPModule
+
+    torch.manual_seed(0)
+    module = None
+    logged, ranks = [], []
+    for eval_batch_size in (512, 7):
+        dm = SequenceDataModule(beauty_slice, cache_dir=None, batch_size=64, eval_batch_size=eval_batch_size)
+        dm.setup("test")
+        if module is None:
+            module = GRASPModule(dm.num_items, lambda n: SASRec(n, hidden_size=16, max_len=50),
+                                 semantic=replace(slice_space.config, prefix_vectors="mean_items"), similar_users=3)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            devices=1)
+        logged.append(trainer.test(module, datamodule=dm, verbose=False)[0])
+        ranks.append(query_ranks(module_scores(module), dm.dataset("test"), batch_size=eval_batch_size))
+    moved = ranks[0] != ranks[1]
+    assert len(ranks[0]) == 1500 and moved.sum() <= 3 and (np.abs(ranks[0] - ranks[1])[moved] <= 1).all()
+    for metrics, r in zip(logged, ranks, strict=True):
+        for key, value in metrics_from_ranks(r).items():
+            assert metrics[f"test/{key}"] == pytest.approx(value, abs=1e-6), key
+    assert logged[0]["test/HR@50"] > 0
+
+
+def test_grasp_refuses_a_prefix_window_wider_than_max_len(slice_dm, slice_space) -> None:
+    """The user bank would average the last 60 items of a history while a query's vector can read
+    only its last 50 (the input): the two would be different vectors. One error line instead."""
+    from raserec.models.encoders import SASRec
+    from raserec.semantic.grasp import GRASPModule
+
+    semantic = replace(slice_space.config, prefix_vectors="mean_items", prefix_window=slice_dm.max_len + 1)
+    module = GRASPModule(slice_dm.num_items, lambda n: SASRec(n, hidden_size=16, max_len=50), semantic=semantic)
+    with pytest.raises(ConfigError, match=r"prefix_window \(51\) must be <= data.max_len \(50\)"):
+        module.attach(slice_dm)
+
+
+def test_semantic_space_and_its_caches_follow_an_in_place_edit_of_the_data(beauty_slice, tmp_path) -> None:
+    """PITFALL 3 for the semantic caches: the data file edited at the same path must give a new
+    space (the process-wide memo) and new prefix neighbours (the disk cache), never the old ones."""
+    from raserec.semantic.space import semantic_space
+
+    data = tmp_path / "data.txt"
+    lines = beauty_slice.read_text().splitlines()
+    data.write_text("\n".join(lines) + "\n")
+    cfg = SemanticConfig(text_source=str(ITEMS), embedder="hash", prefix_vectors="mean_items",
+                         cache_dir=str(tmp_path / "sem"))
+    spaces, neighbours = [], []
+    for text in (lines, lines[:-300]):  # the same path, 300 users fewer
+        data.write_text("\n".join(text) + "\n")
+        dm = SequenceDataModule(data, cache_dir=None, batch_size=64)
+        dm.setup("fit")
+        space = semantic_space(dm, cfg, progress=False)
+        assert semantic_space(dm, cfg, progress=False) is space  # memoised while the data is the same
+        spaces.append(space)
+        neighbours.append(space.prefix_neighbours)
+        assert len(neighbours[-1]) == len(dm.pairs("train"))
+    assert spaces[0] is not spaces[1] and len(neighbours[1]) < len(neighbours[0])
+    assert len(list((tmp_path / "sem").glob("neighbours-*.npy"))) == 2
+
+
+def test_a_misspelt_semantic_option_is_an_error() -> None:
+    # The objectives take the semantic settings as a dict (typed only after the parser), so a typo
+    # must still be refused by name, not ignored.
+    with pytest.raises(ConfigError, match="embeder"):
+        SRACLInterUser(0.1, {"embeder": "hash"})
+    with pytest.raises(ConfigError, match="embeder"):
+        SRACLIntraUser(0.1, {"embeder": "hash"})

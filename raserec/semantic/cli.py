@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="most recent items of a prefix that make its vector (its text, or the mean of their "
                    "vectors)")
     p.add_argument("--include-same-user", action="store_true",
-                   help="let a prefix's neighbours be the same user's other prefixes (the official SRA-CL rule; "
-                   "they contain its target)")
+                   help="let a prefix's neighbours be the same user's shorter prefixes too (never its longer "
+                   "ones, which contain its target; the official SRA-CL code excluded only the prefix itself)")
     p.add_argument("--max-len", type=int, default=50, help="data.max_len of the runs that will read this")
     p.add_argument("--cache-dir", default=_DEFAULTS.cache_dir, help="texts, embeddings and neighbours cache")
     p.add_argument("--data-cache-dir", default=".cache/datasets", help="prepared-dataset cache (as data.cache_dir)")

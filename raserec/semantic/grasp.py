@@ -144,6 +144,11 @@ class GRASPModule(PretrainModule):
 
     def attach(self, dm) -> None:
         """Build the semantic tables of ``dm`` into the module's buffers."""
+        # A query's vector reads the last prefix_window items of its input, which holds at most
+        # max_len; the user bank reads the last prefix_window of the history: wider, they differ.
+        check(self.semantic.prefix_window <= dm.max_len,
+              f"semantic.prefix_window ({self.semantic.prefix_window}) must be <= data.max_len ({dm.max_len}): "
+              "GRASP's query vectors read the last prefix_window items of an input of at most max_len")
         space = semantic_space(dm, self.semantic)
         vectors = space.item_vectors
         neighbours = space.item_neighbours

@@ -28,11 +28,15 @@ def _index(keys: np.ndarray, nprobe: int):
 
 
 def semantic_neighbours(vectors: np.ndarray, k: int = 10, groups: np.ndarray | None = None,
-                        nprobe: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                        nprobe: int = 32, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For vectors ``[n, d]``: the ``k`` rows of highest cosine similarity to each row (best first,
     ``-1`` where fewer exist) and their similarities. A row is never its own neighbour (whatever
     ties do), zero rows (no text) neither have nor are neighbours, and with ``groups`` a row's
-    neighbours come from other groups only. Exact up to :data:`EXACT_UP_TO` rows, IVF beyond."""
+    neighbours come from other groups only, or, with ``order`` too, from other groups and from
+    rows of its own group that come strictly before it in ``order`` (a user's earlier prefixes:
+    its later ones contain its target). Exact up to :data:`EXACT_UP_TO` rows, IVF beyond."""
+    if order is not None and groups is None:
+        raise ValueError("order applies within groups: pass groups too")
     keys = normalized(np.ascontiguousarray(vectors, dtype=np.float32))
     n = len(keys)
     out_rows = np.full((n, k), -1, dtype=np.int64)
@@ -50,10 +54,13 @@ def semantic_neighbours(vectors: np.ndarray, k: int = 10, groups: np.ndarray | N
         rows = np.where(found >= 0, ids[np.maximum(found, 0)], -1)
         keep = (found >= 0) & (rows != ids[todo][:, None])
         if groups is not None:
-            keep &= groups[np.maximum(rows, 0)] != groups[ids[todo]][:, None]
+            other = groups[np.maximum(rows, 0)] != groups[ids[todo]][:, None]
+            if order is not None:
+                other |= order[np.maximum(rows, 0)] < order[ids[todo]][:, None]
+            keep &= other
         picked, mask = first_k(rows, keep, k)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        picked_sim = np.take_along_axis(sims, order, axis=1)
+        kept_first = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        picked_sim = np.take_along_axis(sims, kept_first, axis=1)
         out_rows[ids[todo]] = picked
         out_sim[ids[todo], :picked_sim.shape[1]] = np.where(mask[:, :picked_sim.shape[1]], picked_sim, 0.0)
         short = mask.sum(1) < k

@@ -63,8 +63,9 @@ class SemanticConfig:
     """Most recent items of a prefix that make its vector: rendered into its text, or averaged
     (``mean_items``; also GRASP's user vectors). SRA-CL: 20."""
     exclude_same_user: bool = True
-    """A prefix's neighbours come from other users (the same user's longer prefixes contain its
-    target; the official SRA-CL code only excludes the exact prefix)."""
+    """A prefix's neighbours come from other users; ``false``: also from the same user's shorter
+    prefixes. Its longer ones contain its target and are never neighbours (the official SRA-CL
+    code excludes only the exact prefix, so a longer prefix could be a positive)."""
     cache_dir: str = ".cache/semantic"
     """Texts, embeddings and neighbour tables are cached here, keyed by their inputs."""
 
@@ -179,15 +180,18 @@ class SemanticSpace:
     @cached_property
     def prefix_neighbours(self) -> np.ndarray:
         """``[P, k]`` training-pair rows of each training prefix's nearest prefixes (-1 = none);
-        the prefix itself, and with ``exclude_same_user`` its user's other prefixes, excluded."""
+        the prefix itself and its user's longer prefixes (they contain its target) always
+        excluded, and with ``exclude_same_user`` its user's shorter prefixes too."""
         cfg = self.config
-        key = _digest("prefix-neighbours", cfg.k, cfg.exclude_same_user, self.prefix_vectors, self.train.user)
+        # The rule is part of the key: caches from before the longer-prefix exclusion never match.
+        key = _digest("prefix-neighbours", cfg.k, cfg.exclude_same_user, self.prefix_vectors, self.train.user,
+                      *(() if cfg.exclude_same_user else ("same user: shorter prefixes only", self.train.end)))
         path = self.cache_dir / f"neighbours-{key[:32]}.npy" if self.cache_dir else None
         if path is not None and (cached := load_checked(path, key)) is not None:
             return cached
         log.info("semantic neighbours of %d training prefixes (k=%d)", len(self.train), cfg.k)
-        rows, _ = semantic_neighbours(self.prefix_vectors, cfg.k,
-                                      groups=self.train.user if cfg.exclude_same_user else None)
+        rows, _ = semantic_neighbours(self.prefix_vectors, cfg.k, groups=self.train.user,
+                                      order=None if cfg.exclude_same_user else self.train.end)
         if path is not None:
             save_checked(path, rows, {"key": key, "what": "prefix neighbours", "config": asdict(cfg)})
         return rows

@@ -14,8 +14,9 @@ NT-Xent is the official form: raw dot products, tau = 1, the other 2N - 2 rows a
 (:func:`raserec.models.losses.info_nce`).
 
 Deviations, all recorded: neighbour texts come from training prefixes only (never a validation or
-test target; the official code used every prefix); by default the same user's other prefixes are
-excluded from a prefix's neighbours (``semantic.exclude_same_user``); text-less items and padding
+test target; the official code used every prefix); a prefix's neighbours never include its user's
+longer prefixes (they contain its target; the official code excluded only the prefix itself) and by
+default not its shorter ones either (``semantic.exclude_same_user``); text-less items and padding
 are never substituted or substitutes; ``neighbours_used`` can encode fewer than ``k`` neighbours
 per step (a CPU budget option; default all ``k``). The configs' prefix vectors are the mean of
 their items' vectors (``prefix_vectors: mean_items``; the official code embeds an LLM summary of
