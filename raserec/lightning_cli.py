@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from raserec.checkpoint import RECORD_KEY, load_weights_only
 from raserec.data.datamodule import SequenceDataModule
+from raserec.epoch_log import EpochLog
 from raserec.errors import CheckpointError, ConfigError
 from raserec.evaluation.module import RecommenderModule, check_fits_data
 from raserec.evaluation.writer import TopNWriter
@@ -272,6 +273,9 @@ class RaserecCLI(LightningCLI):
                                                    ranks=spec.ranks))
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
+        if self.subcommand == "fit" and trainer.progress_bar_callback is None:
+            stopping = self.config_init["fit"]["early_stopping"]  # background runs: one line per epoch
+            trainer.callbacks.append(EpochLog(stopping.monitor, stopping.mode))
         return trainer
 
     def _check_model_fits_data(self, stage: str) -> None:

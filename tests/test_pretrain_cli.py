@@ -414,3 +414,37 @@ def test_results_record_how_the_fit_ended(tmp_path, how) -> None:
         "resumed": "capped at max_epochs 8: not converged",
     }[how]
     assert record["schedule"] == expected and record["notes"] == f"toy schedule; {expected}"
+
+
+def test_a_fit_without_progress_bar_logs_one_line_per_epoch(beauty_slice: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Background runs (``--trainer.enable_progress_bar false``) say how each epoch went: its
+    validation metrics (the same as the results file's curve), the best so far and how long ago
+    (against early stopping's patience), in one line; a resumed fit keeps the best."""
+    import re
+
+    def fit(max_epochs: int, *extra: str) -> list[str]:
+        rc = main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+                   *_overrides(tmp_path), "--data.data_path", str(beauty_slice), "--trainer.max_epochs",
+                   str(max_epochs), "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+                   "--results.path", str(tmp_path / "r.json"), *extra])
+        assert rc == 0
+        lines = [r.getMessage() for r in caplog.records if r.name == "raserec.epoch_log"]
+        caplog.clear()
+        return lines
+
+    lines = fit(3)
+    assert [re.search(r"epoch (\d+)/3:", line).group(1) for line in lines] == ["1", "2", "3"]
+    curve = json.loads((tmp_path / "r.json").read_text())["val_curve"]
+    values = [float(re.search(r"val/HR@10 ([\d.]+) ", line).group(1)) for line in lines]
+    assert values == pytest.approx([c["val/HR@10"] for c in curve], abs=6e-5)
+    best = max(range(3), key=lambda i: (curve[i]["val/HR@10"], -i))
+    assert f"at epoch {best + 1}, {2 - best} of patience 10)" in lines[-1]
+    assert re.search(r"\), val/NDCG@10 [\d.]+, train/loss [\d.]+, \d+ s$", lines[-1])  # @10 only
+    # resumed for a fourth epoch: the best of the first three is still known
+    resumed = fit(4, "--ckpt_path", str(tmp_path / "run" / "last.ckpt"))
+    assert len(resumed) == 1 and resumed[0].count("epoch 4/4:") == 1
+    fourth = json.loads((tmp_path / "r.json").read_text())["val_curve"][-1]["val/HR@10"]
+    expected = max(curve[best]["val/HR@10"], fourth)
+    assert f"best {expected:.4f} at epoch {best + 1 if fourth <= curve[best]['val/HR@10'] else 4}, " in resumed[0]
+    assert fit(1, "--trainer.enable_progress_bar", "true") == []  # the bar says it
