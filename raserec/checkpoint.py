@@ -115,6 +115,21 @@ def load_weights_only(path: str | Path) -> Any:
                               f"({type(exc).__name__}: {first[:200]})") from exc
 
 
+def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
+    """:func:`load_weights_only`, and the result must look like a checkpoint: a dict whose
+    ``state_dict`` (if any) maps names to tensors and whose ``hyper_parameters`` (if any) is a dict
+    (one error line for a bare tensor, a list, ... instead of a crash wherever it is read)."""
+    blob = load_weights_only(path)
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(blob).__name__}, not a dict of weights)")
+    state = blob.get("state_dict", {})
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a checkpoint (its state_dict is not a mapping of tensors)")
+    if not isinstance(blob.get("hyper_parameters", {}), dict):
+        raise CheckpointError(f"{path}: not a checkpoint (its hyper_parameters are not a mapping)")
+    return blob
+
+
 def resolve_encoder_class(class_path: str) -> type[SequenceEncoder]:
     """The :class:`SequenceEncoder` subclass named by ``class_path``, if its module is trusted.
     The prefix is checked on the name before anything is imported."""

@@ -164,6 +164,15 @@ NAME_TARGETS = (("--trainer.logger.init_args.name", "{}"), ("--checkpoint.dirpat
                 ("--results.path", "results/{}.json"))
 
 
+def check_run_name(name: str) -> None:
+    """A run or experiment name becomes a directory under ``runs/`` and ``results/``: one path
+    component, so it can neither escape them nor be mistaken for an option."""
+    from raserec.errors import ConfigError
+
+    if not name or "/" in name or "\\" in name or name.startswith((".", "-")) or any(c.isspace() for c in name):
+        raise ConfigError(f"--name {name!r}: a run name is one path component (no '/', no spaces)")
+
+
 def expand_name(argv: list[str]) -> list[str]:
     """Replace ``--name NAME`` (or ``--name=NAME``) by the options it stands for, placed where it
     was, so a later explicit option still overrides one of them."""
@@ -180,8 +189,7 @@ def expand_name(argv: list[str]) -> list[str]:
                 name, i = argv[i + 1], i + 2
             else:
                 name, i = arg.split("=", 1)[1], i + 1
-            if not name or "/" in name or name.startswith((".", "-")) or any(c.isspace() for c in name):
-                raise ConfigError(f"--name {name!r}: a run name is one path component (no '/', no spaces)")
+            check_run_name(name)
             for option, pattern in NAME_TARGETS:
                 out += [option, pattern.format(name)]
             continue

@@ -15,7 +15,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from raserec.checkpoint import RECORD_KEY, load_weights_only
+from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict
 from raserec.data.datamodule import SequenceDataModule
 from raserec.epoch_log import EpochLog
 from raserec.errors import CheckpointError, ConfigError
@@ -184,11 +184,13 @@ class RaserecCLI(LightningCLI):
         path = Path(ckpt_path)
         if not path.is_file():
             raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
-        blob = load_weights_only(path)
-        if isinstance(blob, dict) and RECORD_KEY in blob and "state_dict" not in blob:
+        blob = load_checkpoint_dict(path)
+        if RECORD_KEY in blob and "state_dict" not in blob:
             self._take_encoder_record(subcommand, path)
             return
-        hparams = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
+        if "state_dict" not in blob:
+            raise CheckpointError(f"{ckpt_path}: not a checkpoint (no state_dict)")
+        hparams = blob.get("hyper_parameters", {})
         saved = hparams.get("_class_path")
         configured = (self.config[subcommand].get("model") or {}).get("class_path")
         if saved and configured and saved != configured:

@@ -22,7 +22,24 @@ def check_output_file(path: str | Path, what: str, suffixes: Sequence[str] | Non
         raise ConfigError(f"{what} {path} is a directory; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} exists and is not writable")
-    ancestor = path.parent
+    _check_writable_within(path.parent, what, path)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """Raise :class:`ConfigError` unless ``path`` is (or can be created as) a directory to write
+    in: not a file, every existing ancestor a directory, the nearest existing one writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a directory")
+    _check_writable_within(path, what, path)
+    return path
+
+
+def _check_writable_within(directory: Path, what: str, path: Path) -> None:
+    """The nearest existing ancestor of ``directory`` (itself included) is a directory in which a
+    file can be created (tried with a temporary file: also catches read-only mounts)."""
+    ancestor = directory
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -32,4 +49,3 @@ def check_output_file(path: str | Path, what: str, suffixes: Sequence[str] | Non
             pass
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot write in {ancestor} ({exc.strerror or exc})") from exc
-    return path

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,33 @@ def _amazon(work: Path, record: str) -> str:
 AMAZON_OK = '{"reviewerID": "u", "asin": "a", "unixReviewTime": 1}'
 
 
+def _experiments(work: Path, **broken: object) -> list[str]:
+    """Two experiment directories whose seed 1 has per-query ranks; ``broken`` replaces arrays of
+    the second one's file (e.g. ``rank=...``)."""
+    n = 50
+    arrays = {"row": np.arange(n), "user": np.arange(n), "end": np.arange(n) + 3, "target": np.arange(n) + 7,
+              "rank": np.arange(n) % 40, "queries_total": np.int64(n)}
+    dirs = []
+    for name, changes in (("base", {}), ("other", broken)):
+        seed = _inputs(work) / f"exp_{name}_{len(list(_inputs(work).iterdir()))}" / "seed_1"
+        seed.mkdir(parents=True)
+        np.savez(seed / "pretrain.ranks_test.npz", **{**arrays, **changes})
+        dirs.append(str(seed.parent))
+    return ["compare", *dirs]
+
+
+def _tensor(work: Path) -> str:
+    path = _inputs(work) / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    return str(path)
+
+
+def _experiment(*extra: str) -> list[str]:
+    # results and runs inside the case's working directory: nothing may be left there
+    return ["experiment", "--name", "t", "--pretrain", str(CONFIGS / "beauty_pretrain.yaml"), "--results-dir", "r",
+            "--runs-dir", "rr", *extra]
+
+
 def cases() -> list[Case]:
     """Every bad input of the probe."""
     c = Case
@@ -249,6 +277,57 @@ def cases() -> list[Case]:
           "no such experiment directory"),
         c("compare: experiments without ranks", "output", lambda w: ["compare", str(_inputs(w)), str(_inputs(w))],
           "no seed with per-query test ranks"),
+        # the hand-written subcommands: usage errors, and bad values found before any work
+        c("compare: usage error", "config", lambda w: ["compare", "only_one"], "arguments are required"),
+        c("experiment: unknown backbone", "config", lambda w: _experiment("--backbone", "foo"), "invalid choice"),
+        c("analyze: no analysis named", "config", lambda w: ["analyze"], "arguments are required"),
+        c("embed: k not an integer", "config", lambda w: ["embed", str(BEAUTY), "out", "--k", "x"],
+          "invalid int value"),
+        c("experiment: unbalanced quote in --fit-args", "config",
+          lambda w: _experiment("--fit-args", "--x 'unbalanced"), "No closing quotation"),
+        c("experiment: name escaping results/", "config",
+          lambda w: ["experiment", "--name", "../escaped", "--pretrain", str(CONFIGS / "beauty_pretrain.yaml")],
+          "one path component"),
+        c("experiment: empty stage config", "config",
+          lambda w: ["experiment", "--name", "t", "--pretrain", _file(w, "empty_stage.yaml", "")], "is empty"),
+        c("experiment: --fit-args value of the wrong type", "config",
+          lambda w: _experiment("--fit-args", "--data.batch_size abc"), "batch_size"),
+        c("experiment: --stage1-from without that stage 1", "config",
+          lambda w: _experiment("--finetune", str(CONFIGS / "beauty_raft.yaml"), "--stage1-from", "nope"),
+          "has no finished stage 1"),
+        c("experiment: --results-dir is a file", "output",
+          lambda w: _experiment("--results-dir", _file(w, "results_file", "x")), "is not a directory"),
+        c("analyze: --bounds reversed", "parameter",
+          lambda w: ["analyze", "partitions", "--checkpoint", "x.ckpt", "--bounds", "6", "3"], "--bounds"),
+        c("analyze: --k 1e7", "parameter",
+          lambda w: ["analyze", "sensitivity", "--checkpoint", "x.ckpt", "--mode", "eval", "--k", "1e7"],
+          "--k values must be integers"),
+        c("analyze: --alpha 2", "parameter",
+          lambda w: ["analyze", "sensitivity", "--checkpoint", "x.ckpt", "--alpha", "0.5 2"], "--alpha values"),
+        c("analyze: --out under a file", "output",
+          lambda w: ["analyze", "long_tail", "--checkpoint", "x.ckpt", "--out", _file(w, "out_f", "x") + "/a"],
+          "is a file"),
+        c("embed: OUT_DIR under a file", "output",
+          lambda w: ["embed", str(BEAUTY), _file(w, "embed_f", "x") + "/sub", "--embedder", "hash"], "is a file"),
+        c("compare: ranks of other lengths", "output", lambda w: _experiments(w, rank=np.arange(49)),
+          "columns of different lengths"),
+        c("compare: negative ranks", "output", lambda w: _experiments(w, rank=-np.arange(50)),
+          "negative ranks"),
+        c("compare: float ranks", "output",
+          lambda w: _experiments(w, rank=np.full(50, float("nan"))), "1-D integer array"),
+        c("analyze: encoder record as checkpoint", "checkpoint",
+          lambda w: ["analyze", "long_tail", "--checkpoint", _encoder(w)], "an encoder record"),
+        c("analyze: a bare tensor as checkpoint", "checkpoint",
+          lambda w: ["analyze", "long_tail", "--checkpoint", _tensor(w)], "not a checkpoint"),
+        c("test: a bare tensor as ckpt_path", "checkpoint",
+          lambda w: ["test", "--config", str(CONFIGS / "beauty_pretrain.yaml"), *DATA, "--ckpt_path", _tensor(w)],
+          "not a checkpoint"),
+        c("embed: binary precomputed responses", "data",
+          lambda w: ["embed", str(BEAUTY), "out", "--generator", "precomputed", "--generator-path",
+                     _file(w, "bin.jsonl", b"\xff\xfe\x00\x81"), "--embedder", "hash"], "not a UTF-8 text file"),
+        c("embed: k above the item count", "data",
+          lambda w: ["embed", str(BEAUTY), "out", "--embedder", "hash", "--k", "100000", "--data-cache-dir", "none",
+                     "--cache-dir", "none"], "must be below the number of items"),
         # data files
         c("prepare: missing file", "data", lambda w: ["prepare", str(_inputs(w) / "none.txt"), "out"], "no such file"),
         c("prepare: empty file", "data", lambda w: ["prepare", _file(w, "e.txt", ""), "out"], "empty file"),

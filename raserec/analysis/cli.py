@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from pathlib import Path
 
 import lightning as L
 
-from raserec.errors import RaserecError
+from raserec.argparsing import ArgumentParser
+from raserec.cli import check_config_file
+from raserec.errors import RaserecError, check
+from raserec.outputs import check_output_dir
 
 NAMES = ("long_tail", "user_activity", "partitions", "noise", "sensitivity", "drift", "memory_use")
 
@@ -34,7 +38,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raserec analyze", description="Analyses of a trained RaSeRec model "
+    p = ArgumentParser(prog="raserec analyze", description="Analyses of a trained RaSeRec model "
                                 "(paper appendices F-I). Each writes NAME.csv, NAME.png and NAME.json to --out.")
     sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
     for name in NAMES:
@@ -82,10 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The largest K the sensitivity analysis sweeps: every query holds K memories of d floats.
+MAX_K = 1000
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every value an analysis takes, checked before the model, the data or the bank is loaded."""
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    if args.cache_dir.lower() != "none":
+        check_output_dir(args.cache_dir, "--cache-dir")
+    if getattr(args, "bounds", None) is not None:
+        lo, hi = args.bounds
+        check(1 <= lo <= hi, f"--bounds LO HI must satisfy 1 <= LO <= HI, got {lo} {hi}")
+    for value in getattr(args, "ratios", None) or []:
+        check(math.isfinite(value) and value >= 0, f"--ratios must be >= 0, got {value}")
+    for name in ("alpha", "beta"):
+        for value in getattr(args, name, None) or []:
+            check(0.0 <= value <= 1.0, f"--{name} values must be in [0, 1], got {value}")
+    for value in getattr(args, "k", None) or []:
+        check(math.isfinite(value) and value == int(value) and 0 <= value <= MAX_K,
+              f"--k values must be integers in [0, {MAX_K}], got {value}")
+    if hasattr(args, "epochs"):
+        check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+        check(math.isfinite(args.limit_train_batches) and args.limit_train_batches > 0,
+              f"--limit-train-batches must be > 0, got {args.limit_train_batches}")
+    if hasattr(args, "holdout"):
+        check(args.holdout >= 1, f"--holdout must be >= 1, got {args.holdout}")
+
+
 def main(argv: list[str]) -> int:
     from raserec.analysis.common import Evaluator, Output, load_raft, provenance
 
     args = build_parser().parse_args(argv)
+    check_args(args)
     command = shlex.join(["raserec", "analyze", *argv])  # argv, not sys.argv: main() may be called in-process
     L.seed_everything(args.seed, verbose=False)
     progress = not args.no_progress
@@ -94,8 +128,7 @@ def main(argv: list[str]) -> int:
         from raserec.analysis.drift import drift
 
         for path in (args.pretrain_config, args.finetune_config, *args.overlay):
-            if not path.is_file():
-                raise RaserecError(f"{path}: no such config file")
+            check_config_file(str(path))
         for path in (args.retrained, args.encoder):
             if path is not None and not Path(path).is_file():
                 raise RaserecError(f"{path}: no such checkpoint")
@@ -110,7 +143,7 @@ def main(argv: list[str]) -> int:
 
     module, dm = load_raft(args.checkpoint, args.data, cache_dir=cache_dir)
     dataset = dm.data_path.stem.lower()
-    out = Output(args.out or Path("results/analysis") / dataset, args.name, command)
+    out = Output(check_output_dir(args.out or Path("results/analysis") / dataset, "--out"), args.name, command)
     ev = Evaluator(module, dm, progress=progress)
     extra: dict = {"seeds": [args.seed], **({"notes": args.notes} if args.notes else {})}
     if args.name == "long_tail":

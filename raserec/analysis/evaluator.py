@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from raserec.checkpoint import load_weights_only
+from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict
 from raserec.data.batch import PairDataset
 from raserec.data.datamodule import SequenceDataModule
 from raserec.errors import CheckpointError, RaserecError
@@ -29,11 +29,13 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file")
-    blob = load_weights_only(checkpoint)
+    blob = load_checkpoint_dict(checkpoint)
+    if RECORD_KEY in blob and "state_dict" not in blob:
+        raise CheckpointError(f"{checkpoint}: an encoder record, not a RAFT checkpoint; pass the stage-2 checkpoint")
     class_path = str(blob.get("module_class") or blob.get("hyper_parameters", {}).get("_class_path", ""))
     if class_path.rsplit(".", 1)[-1] not in (*RAFT_CLASSES, ""):
         raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (class {class_path})")
-    if not any(k.startswith("ram.") for k in blob["state_dict"]):
+    if not any(k.startswith("ram.") for k in blob.get("state_dict", {})):
         raise CheckpointError(f"{checkpoint}: not a RAFT checkpoint (no RAM weights); pass the stage-2 checkpoint")
     dm_hp = dict(blob.get("datamodule_hyper_parameters") or {})
     dm_hp.pop("_instantiator", None)
@@ -45,8 +47,11 @@ def load_raft(checkpoint: str | Path, data_path: str | Path | None = None, cache
     dm = SequenceDataModule(**dm_hp)
     dm.setup("test")
     cls = raft_class(class_path)
-    module = cls.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
-                                      map_location="cpu", weights_only=True, **overrides)
+    try:
+        module = cls.load_from_checkpoint(checkpoint, encoder_checkpoint=str(checkpoint), num_items=dm.num_items,
+                                          map_location="cpu", weights_only=True, **overrides)
+    except (TypeError, KeyError) as exc:  # hyper-parameters the class does not take: a foreign file
+        raise CheckpointError(f"{checkpoint}: does not build a {cls.__name__} ({type(exc).__name__}: {exc})") from exc
     if hasattr(module, "attach"):  # e.g. semantic keys: tables built from the data, never stored
         module.attach(dm)
     module.eval()

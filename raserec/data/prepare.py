@@ -36,6 +36,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import polars as pl
 
+from raserec.argparsing import ArgumentParser
 from raserec.data.readers import (
     FORMATS,
     detect_format,
@@ -45,7 +46,7 @@ from raserec.data.readers import (
     read_interactions,
 )
 from raserec.data.sequences import SequenceData, dataset_stats, sequences_from_interactions
-from raserec.errors import DataError
+from raserec.errors import ConfigError, DataError, RaserecError
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()  # temporaries older than this and unlocked are left by dead runs
@@ -441,13 +442,17 @@ def dataset_stats_for(
 
 # ----------------------------------------------------------------------------- CLI
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code: 0 after ``--help``, 2 after a usage error (one
+    ``error:`` line, see :class:`raserec.argparsing.ArgumentParser`)."""
     try:
         return parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and bad usage (2)
+    except SystemExit as exc:  # argparse exits on --help (0)
         return exc.code if isinstance(exc.code, int) else 2
+    except ConfigError as exc:
+        return _fail(exc)
 
 
-def _fail(exc: DataError) -> int:
+def _fail(exc: RaserecError) -> int:
     lines = str(exc).splitlines() or [repr(exc)]
     print(f"error: {lines[0]}", file=sys.stderr)
     return 2
@@ -485,7 +490,7 @@ def _k_core_arg(value: str) -> int:
 
 def prepare_main(argv: list[str]) -> int:
     """``raserec prepare SOURCE OUT_DIR``; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="raserec prepare",
         description="Convert a raw interaction file into a prepared dataset directory "
         "(parquet + manifest with a content hash).",
@@ -549,7 +554,7 @@ def prepare_main(argv: list[str]) -> int:
 
 def stats_main(argv: list[str]) -> int:
     """``raserec stats PATH [PATH ...] [--json]``; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="raserec stats",
         description="Dataset statistics as in the paper's Table 5 (raw file or prepared directory).",
     )

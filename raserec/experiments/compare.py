@@ -20,7 +20,6 @@ both models' metrics, and a t-test over seed means when there are several seeds)
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from raserec.argparsing import ArgumentParser
 from raserec.errors import RaserecError
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.summary import TEST_KEYS, across_seeds, all_hardware, paired_tests
@@ -68,6 +68,8 @@ class Side:
     @classmethod
     def parse(cls, text: str) -> Side:
         """``EXP`` or ``EXP:COLUMN`` (an existing directory whose name has a colon is taken whole)."""
+        if not text.strip():
+            raise RaserecError("an experiment must be named (results/<name>), got an empty argument")
         text = text.rstrip("/") or text
         path, column = text, ""
         if not Path(text).is_dir() and ":" in Path(text).name:
@@ -126,11 +128,28 @@ def _load(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise RaserecError(f"{path}: not a per-query ranks file (missing {', '.join(missing)})")
-            return {k: z[k] for k in keys}
+            arrays = {k: z[k] for k in keys}
     except RaserecError:
         raise
     except Exception as exc:  # noqa: BLE001 - zip, pickle-refusal and format errors alike: a bad file
         raise RaserecError(f"{path}: unreadable ranks file ({type(exc).__name__}: {exc})") from exc
+    # One integer per query in every column, ranks >= 0, and a scalar query count.
+    columns = {k: a for k, a in arrays.items() if k != "queries_total"}
+    for key, a in columns.items():
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise RaserecError(f"{path}: {key} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+    if len({len(a) for a in columns.values()}) > 1:
+        raise RaserecError(f"{path}: columns of different lengths "
+                           f"({', '.join(f'{k} {len(a)}' for k, a in columns.items())})")
+    for key in set(columns) & {"rank", *_RAFT_FILE_COLUMNS.values()}:
+        if len(columns[key]) and columns[key].min() < 0:
+            raise RaserecError(f"{path}: {key} holds negative ranks")
+    if "queries_total" in arrays:
+        total = arrays["queries_total"]
+        if total.ndim != 0 or not np.issubdtype(total.dtype, np.integer) or int(total) < len(arrays["rank"]):
+            raise RaserecError(f"{path}: queries_total must be an integer >= the {len(arrays['rank'])} rows, "
+                               f"got {total.tolist()!r}")
+    return arrays
 
 
 def compare(base: Side, other: Side, seeds: list[int] | None = None) -> dict[str, Any]:
@@ -217,7 +236,7 @@ def default_output(base: Side, other: Side) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="raserec compare",
         description="Paired significance tests between two experiments on the same test queries, seed by seed. "
                     "EXP is an experiment directory (results/<name>), optionally EXP:pretrain or EXP:finetune "
@@ -231,11 +250,15 @@ def main(argv: list[str]) -> int:
     out = check_output_file(args.out or default_output(base, other), "comparison file", (".json",))
     record = compare(base, other, args.seeds)
     record["command"] = "raserec compare " + " ".join(argv)
+    lines = [f"seed {seed}: " + "; ".join(
+        f"{k} {entry['base'][k]:.4f} -> {entry['other'][k]:.4f} (p_t {_p(entry['paired_test'][k]['p_ttest'])}, "
+        f"p_w {_p(entry['paired_test'][k]['p_wilcoxon'])})" for k in TEST_KEYS)
+        for seed, entry in record["paired_test_per_seed"].items()]
     write_results(out, record)
-    for seed, entry in record["paired_test_per_seed"].items():
-        tests = entry["paired_test"]
-        print(f"seed {seed}: " + "; ".join(
-            f"{k} {entry['base'][k]:.4f} -> {entry['other'][k]:.4f} (p_t {tests[k]['p_ttest']:.3g}, "
-            f"p_w {tests[k]['p_wilcoxon']:.3g})" for k in TEST_KEYS))
-    print(f"wrote {out}")
+    print("\n".join([*lines, f"wrote {out}"]))
     return 0
+
+
+def _p(value: float | None) -> str:
+    """A p-value for the terminal (``n/a`` where the test is undefined, e.g. no difference at all)."""
+    return "n/a" if value is None else f"{value:.3g}"

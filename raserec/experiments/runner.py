@@ -26,6 +26,8 @@ reports that stage's mean +- std.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import shlex
@@ -38,7 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raserec.argparsing import ArgumentParser
+from raserec.cli import check_config_file, check_run_name
 from raserec.errors import RaserecError
+from raserec.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +216,11 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
         log_file.flush()
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-15:])
-        raise RaserecError(f"{spec.name}: seed {seed}, stage {stage} failed (exit {proc.returncode}); "
-                           f"re-run the same command to resume. Last lines of {log_path}:\n{tail}")
+        lines = log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if line.startswith("error:")]
+        why = errors[-1].removeprefix("error: ") if errors else (lines[-1].strip() if lines else "no output")
+        raise RaserecError(f"{spec.name}: seed {seed}, stage {stage} failed (exit {proc.returncode}): {why[:300]} "
+                           f"(log: {log_path}; re-run the same command to resume)")
     if not spec.stage_results(seed, stage).is_file():
         raise RaserecError(f"{spec.name}: stage {stage} of seed {seed} finished without writing "
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
@@ -304,13 +311,9 @@ def ranks_from_checkpoint(spec: ExperimentSpec, seed: int) -> dict[str, np.ndarr
 def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
     """Copy stage 1 of ``seed`` (``pretrain.json`` and ``encoder.pt``) from the experiment
     ``spec.stage1_from`` when this experiment has none yet; returns whether it copied."""
-    if spec.stage1_from is None or spec.stage_results(seed, "pretrain").is_file():
+    source = stage1_source(spec, seed)
+    if source is None:
         return False
-    source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
-    missing = [name for name in ("pretrain.json", "encoder.pt") if not (source / name).is_file()]
-    if missing:
-        raise RaserecError(f"--stage1-from {spec.stage1_from}: seed {seed} has no finished stage 1 there "
-                           f"(missing {', '.join(str(source / m) for m in missing)})")
     from raserec.results import write_results
 
     spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
@@ -325,10 +328,52 @@ def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
     return True
 
 
+def stage1_source(spec: ExperimentSpec, seed: int) -> Path | None:
+    """Where ``--stage1-from`` takes stage 1 of ``seed`` from (``None``: nothing to take); one
+    error line if that experiment has not finished it."""
+    if spec.stage1_from is None or spec.stage_results(seed, "pretrain").is_file():
+        return None
+    source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
+    missing = [name for name in ("pretrain.json", "encoder.pt") if not (source / name).is_file()]
+    if missing:
+        raise RaserecError(f"--stage1-from {spec.stage1_from}: seed {seed} has no finished stage 1 there "
+                           f"(missing {', '.join(str(source / m) for m in missing)})")
+    return source
+
+
+def check_stage_commands(spec: ExperimentSpec) -> None:
+    """Parse every stage's ``raserec fit`` command that still has work (as the first such seed
+    will run it) without running it: a bad config file, option or value fails here, as one line,
+    before a directory is made or a stage trains."""
+    from raserec.cli import main as cli_main
+
+    for stage in spec.stages:
+        todo = [s for s in spec.seeds if not spec.stage_results(s, stage).is_file()]
+        if not todo:
+            continue
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                code = cli_main([*stage_command(spec, todo[0], stage), "--print_config"])
+            except SystemExit as exc:  # --print_config exits 0 once the command has parsed
+                code = exc.code if isinstance(exc.code, int) else 2
+        if code != 0:
+            errors = [line.removeprefix("error: ") for line in err.getvalue().splitlines() if line.startswith("error:")]
+            raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: "
+                               f"{errors[-1] if errors else f'exit code {code}'}")
+
+
 def run(spec: ExperimentSpec) -> dict:
     """Run (or resume) every missing stage of every seed, then write the summaries."""
+    # Before anything is created or trained: a seed missing in --stage1-from, an unwritable
+    # directory or a command `raserec fit` refuses fails now, not hours later.
+    for seed in spec.seeds:
+        stage1_source(spec, seed)
+    check_output_dir(spec.results_dir, "--results-dir")
+    check_output_dir(spec.runs_dir, "--runs-dir")
+    check_stage_commands(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
-    for seed in spec.seeds:  # before any training: a seed missing there fails now, not hours later
+    for seed in spec.seeds:
         adopt_stage1(spec, seed)
     steps = (*spec.stages, "ranks") if spec.finetune is not None else spec.stages
     total = len(spec.seeds) * len(steps)
@@ -375,7 +420,7 @@ def parse_args(argv: list[str]) -> ExperimentSpec:
 
 
 def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="raserec experiment",
         description="Run pre-train -> fine-tune -> test over several seeds and summarise (resumable: "
                     "re-running the same command skips finished stages and resumes interrupted ones).",
@@ -406,10 +451,13 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
                         "results/<name>/seed_<s>/<stage>_{last,best}.ckpt (commit them; the same command resumes there)")
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
+    check_run_name(a.name)
     for path in (a.pretrain, *([a.finetune] if a.finetune else []), *a.overlay, *([a.data] if a.data else []), *([a.model] if a.model else [])):
-        if not path.is_file():
-            raise RaserecError(f"{path}: no such config file")
-    fit_args = shlex.split(a.fit_args)
+        check_config_file(str(path))
+    try:
+        fit_args = shlex.split(a.fit_args)
+    except ValueError as exc:  # e.g. an unbalanced quote
+        raise RaserecError(f"--fit-args {a.fit_args!r}: {exc}") from exc
     managed = [arg for arg in fit_args if arg.split("=", 1)[0] in MANAGED]
     if managed:
         raise RaserecError(f"--fit-args must not set {', '.join(managed)}: the runner sets it per seed and stage "

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raserec.errors import ConfigError
+from raserec.argparsing import ArgumentParser
+from raserec.errors import DataError
+from raserec.outputs import check_output_dir
 from raserec.semantic.embedders import EMBEDDERS, save_checked
+from raserec.semantic.generators import make_generator
 from raserec.semantic.space import SemanticConfig, SemanticSpace
 from raserec.semantic.text import item_text_path
 
@@ -33,7 +36,7 @@ _DEFAULTS = SemanticConfig()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raserec embed", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="raserec embed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", metavar="DATA", help="interaction file or prepared directory (e.g. ../shared/data/Beauty.txt)")
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
@@ -56,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a prefix's neighbours be the same user's shorter prefixes too (never its longer "
                    "ones, which contain its target; the official SRA-CL code excluded only the prefix itself)")
     p.add_argument("--max-len", type=int, default=50, help="data.max_len of the runs that will read this")
-    p.add_argument("--cache-dir", default=_DEFAULTS.cache_dir, help="texts, embeddings and neighbours cache")
-    p.add_argument("--data-cache-dir", default=".cache/datasets", help="prepared-dataset cache (as data.cache_dir)")
+    p.add_argument("--cache-dir", default=_DEFAULTS.cache_dir,
+                   help="texts, embeddings and neighbours cache ('none': no cache)")
+    p.add_argument("--data-cache-dir", default=".cache/datasets",
+                   help="prepared-dataset cache, as data.cache_dir ('none': no cache)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -69,14 +74,21 @@ def main(argv: list[str]) -> int:
     args = _parse(_parser(), argv)
     if isinstance(args, int):
         return args
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise ConfigError(f"{args.out_dir}: exists and is not a directory")
+    check_output_dir(args.out_dir, "OUT_DIR")
+    cache_dir, data_cache_dir = ("" if d.lower() == "none" else d for d in (args.cache_dir, args.data_cache_dir))
+    for option, directory in (("--cache-dir", cache_dir), ("--data-cache-dir", data_cache_dir)):
+        if directory:
+            check_output_dir(directory, option)
+    if not Path(args.data).exists():
+        raise DataError(f"{args.data}: no such file or prepared directory")
     item_text_path(args.text, args.data)  # a missing text file fails here, before the data is read
     config = SemanticConfig(text_source=args.text, generator=args.generator, generator_path=args.generator_path,
                             base_url=args.base_url, llm_model=args.llm_model, embedder=args.embedder, k=args.k,
                             prefix_vectors=args.prefix_vectors, prefix_window=args.prefix_window,
-                            exclude_same_user=not args.include_same_user, cache_dir=args.cache_dir)
-    dm = SequenceDataModule(args.data, max_len=args.max_len, cache_dir=args.data_cache_dir)
+                            exclude_same_user=not args.include_same_user, cache_dir=cache_dir)
+    # The generator's own checks (a responses file that is not UTF-8 JSON lines, ...) before the data is read.
+    make_generator(config.generator, config.generator_path, config.base_url, config.llm_model)
+    dm = SequenceDataModule(args.data, max_len=args.max_len, cache_dir=data_cache_dir or None)
     space = SemanticSpace(dm, config, progress=not args.no_progress)
     # Everything is computed (and cached) before OUT_DIR is touched.
     outputs = {"items": space.item_vectors, "item_neighbours": space.item_neighbours}

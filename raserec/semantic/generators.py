@@ -77,7 +77,11 @@ class PrecomputedGenerator:
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such precomputed-response file")
         self.responses: dict[str, str] = {}
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{self.path}: not a UTF-8 text file (byte {exc.start})") from exc
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
