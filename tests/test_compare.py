@@ -189,3 +189,20 @@ def test_the_readme_table_lists_each_comparison_with_its_p_values(experiments) -
     gain = record["relative_change_pct"]["test/NDCG@10"]
     assert cells[3].endswith(f"(+{gain:.1f}%)") and gain > 0
     assert cells[7] == f"{record['paired_test_across_seeds']['NDCG@10']['p_ttest']:.2g}"
+
+
+
+def test_constant_differences_compare_and_undefined_p_values_print(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Every query's target first in one experiment and beyond the top 50 in the other: constant
+    per-query differences (zero variance) still give a record and a printout; a p-value the tests
+    leave undefined (null in the record) prints as n/a instead of crashing after the file is
+    written."""
+    from raserec.experiments.compare import _p
+
+    for name, rank in (("a", 0), ("b", 100)):
+        _one_stage(tmp_path / name, 1, np.full(QUERIES, rank))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "NDCG@10 1.0000 -> 0.0000" in capsys.readouterr().out
+    assert (tmp_path / "b" / "vs_a.json").is_file()
+    assert (_p(None), _p(0.012345), _p(1.0)) == ("n/a", "0.0123", "1")
