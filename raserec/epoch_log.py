@@ -43,7 +43,8 @@ class EpochLog(L.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        # under DDP one line per epoch, not one per process
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         epoch = trainer.current_epoch + 1

@@ -448,3 +448,17 @@ def test_a_fit_without_progress_bar_logs_one_line_per_epoch(beauty_slice: Path, 
     expected = max(curve[best]["val/HR@10"], fourth)
     assert f"best {expected:.4f} at epoch {best + 1 if fourth <= curve[best]['val/HR@10'] else 4}, " in resumed[0]
     assert fit(1, "--trainer.enable_progress_bar", "true") == []  # the bar says it
+
+
+def test_a_ddp_fit_logs_each_epoch_once(beauty_slice: Path, tmp_path: Path) -> None:
+    """Two processes (gloo on CPU), progress bar off: one epoch line per epoch, from rank 0."""
+    cmd = [sys.executable, "-m", "raserec.cli", "fit", "--config", str(CONFIGS / "beauty_sasrec.yaml"), "--config",
+           str(CONFIGS / "debug.yaml"), *_overrides(tmp_path), "--data.data_path", str(beauty_slice),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+           "--test_after_fit", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "raserec.epoch_log" in line]
+    assert [line.split(":")[1].strip().split()[1] for line in lines] == ["1/2", "2/2"], lines
