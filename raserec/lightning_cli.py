@@ -276,8 +276,7 @@ class RaserecCLI(LightningCLI):
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         if self.subcommand == "fit" and trainer.progress_bar_callback is None:
-            stopping = self.config_init["fit"]["early_stopping"]  # background runs: one line per epoch
-            trainer.callbacks.append(EpochLog(stopping.monitor, stopping.mode))
+            trainer.callbacks.append(EpochLog())  # background runs: one line per epoch
         return trainer
 
     def _check_model_fits_data(self, stage: str) -> None:

@@ -49,3 +49,12 @@ def _check_writable_within(directory: Path, what: str, path: Path) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot write in {ancestor} ({exc.strerror or exc})") from exc
+
+
+def cache_dir_option(value: str | None, option: str) -> str | None:
+    """A ``--cache-dir``-style option: ``None`` for ``none`` (or empty: no cache), else the
+    directory, checked to be writable (:func:`check_output_dir`)."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    check_output_dir(value, option)
+    return value

@@ -191,13 +191,18 @@ def semantic_table(results_dir: Path) -> str:
         for model, m, seeds, name in sorted(entries, key=lambda e: e[3] != f"{prefix}_sasrec.json"):
             gains = ["", ""] if base is None or name == f"{prefix}_sasrec.json" else [
                 relative_gain(m.get(f"test/{k}"), base.get(f"test/{k}")) for k in ("NDCG@10", "HR@20")]
-            if base is not None and seeds != base_seeds and name != f"{prefix}_sasrec.json":
+            if base is not None and _seed_set(seeds) != _seed_set(base_seeds) and name != f"{prefix}_sasrec.json":
                 # means over other seeds than SASRec's: a seed's split and init are not paired
                 gains = [f"{g} (SASRec seeds {base_seeds})" if g else g for g in gains]
             lines.append(f"| {prefix.capitalize()} | {model} | " +
                          " | ".join(mean_std(m, k, "," in seeds) for k in SEMANTIC_KEYS) +
                          f" | {gains[0]} | {gains[1]} | {seeds} | {name} |")
     return "\n".join(lines)
+
+
+def _seed_set(seeds: str | None) -> frozenset[str]:
+    """The seeds of a ``"2024, 2025"`` cell, in any order."""
+    return frozenset(s.strip() for s in (seeds or "").split(",") if s.strip())
 
 
 def cost_table(results_dir: Path) -> str:

@@ -302,6 +302,8 @@ def cases() -> list[Case]:
         c("analyze: --k 1e7", "parameter",
           lambda w: ["analyze", "sensitivity", "--checkpoint", "x.ckpt", "--mode", "eval", "--k", "1e7"],
           "--k values must be integers"),
+        c("analyze: --ratios 1e7", "parameter",
+          lambda w: ["analyze", "noise", "--checkpoint", "x.ckpt", "--ratios", "1e7"], "--ratios must be in"),
         c("analyze: --alpha 2", "parameter",
           lambda w: ["analyze", "sensitivity", "--checkpoint", "x.ckpt", "--alpha", "0.5 2"], "--alpha values"),
         c("analyze: --out under a file", "output",

@@ -154,12 +154,14 @@ def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
 
 def test_a_failing_stage_is_reported_with_its_log(tmp_path, capsys, beauty_slice, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    code = main(["experiment", "--name", "bad", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
-                 "configs/beauty_raft.yaml", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
-                 "--runs-dir", str(tmp_path / "runs"), "--fit-args", "--data.data_path /nonexistent/file.txt"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "stage pretrain failed" in err and "no such file or directory" in err
+    for attempt in ("first", "second"):  # the same stage log: each failure reports its own error
+        code = main(["experiment", "--name", "bad", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune",
+                     "configs/beauty_raft.yaml", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
+                     "--runs-dir", str(tmp_path / "runs"), "--fit-args", f"--data.data_path /nonexistent/{attempt}.txt"])
+        assert code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "stage pretrain failed" in errors[0], errors
+        assert f"/nonexistent/{attempt}.txt: no such file" in errors[0] and "stage.log" in errors[0], errors
 
 
 def test_missing_config_is_a_clear_error(capsys):
@@ -349,15 +351,15 @@ def test_each_stage_test_pass_writes_the_ranks_the_runner_recomputes(short_exper
             assert got == value if value is None else got == pytest.approx(value, rel=1e-5, abs=1e-8), (key, field)
 
 
-def test_ranks_from_stage_files_orders_rows_and_refuses_partial_or_mismatched_files(tmp_path):
-    """The runner's ``ranks_test.npz`` from the stages' own files: rows put back in query order
-    (a DDP gather interleaves them); a limited test pass, a missing stage or different queries give
+def test_ranks_from_stage_files_refuses_partial_mismatched_or_damaged_files(tmp_path):
+    """The runner's ``ranks_test.npz`` from the stages' own files (written in query order); a
+    limited test pass, rows out of order, a missing stage, other queries or a damaged file give
     ``None`` (the runner then ranks again from the checkpoint)."""
     n = 6
     user, end, target = np.arange(n) * 3, np.arange(n) + 2, np.arange(n) + 10
-    order = np.array([0, 3, 1, 4, 2, 5])  # two processes' shards, gathered
 
-    def write(stage, rank, rows=order, total=n, tgt=target):
+    def write(stage, rank, rows=None, total=n, tgt=target):
+        rows = np.arange(n) if rows is None else rows
         np.savez(tmp_path / f"{stage}.ranks_test.npz", row=rows, user=user[rows], end=end[rows], target=tgt[rows],
                  rank=rank[rows], queries_total=np.int64(total))
 
@@ -365,12 +367,15 @@ def test_ranks_from_stage_files_orders_rows_and_refuses_partial_or_mismatched_fi
     encoder, tuned = np.array([5, 1, 9, 2, 7, 3]), np.array([4, 1, 2, 2, 8, 1])
     write("pretrain", encoder)
     assert ranks_from_stage_files(tmp_path) is None  # no fine-tuned stage yet
-    write("finetune", tuned, rows=np.arange(n))
+    write("finetune", tuned)
     got = ranks_from_stage_files(tmp_path)
     assert got is not None
     for key, want in (("user", user), ("end", end), ("target", target), ("encoder", encoder), ("finetune", tuned)):
         assert np.array_equal(got[key], want), key
-    write("finetune", tuned, rows=np.arange(n - 1))  # limited test pass: 5 of 6 queries
-    assert ranks_from_stage_files(tmp_path) is None
-    write("finetune", tuned, rows=np.arange(n), tgt=target + 1)  # other queries
+    for kwargs in ({"rows": np.arange(n - 1)},  # limited test pass: 5 of 6 queries
+                   {"rows": np.array([0, 3, 1, 4, 2, 5])},  # not in query order
+                   {"tgt": target + 1}):  # other queries
+        write("finetune", tuned, **kwargs)
+        assert ranks_from_stage_files(tmp_path) is None, kwargs
+    (tmp_path / "finetune.ranks_test.npz").write_bytes(b"PK\x03\x04 cut short")
     assert ranks_from_stage_files(tmp_path) is None

@@ -13,7 +13,7 @@ import lightning as L
 from raserec.argparsing import ArgumentParser
 from raserec.cli import check_config_file
 from raserec.errors import RaserecError, check
-from raserec.outputs import check_output_dir
+from raserec.outputs import cache_dir_option, check_output_dir
 
 NAMES = ("long_tail", "user_activity", "partitions", "noise", "sensitivity", "drift", "memory_use")
 
@@ -88,19 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The largest K the sensitivity analysis sweeps: every query holds K memories of d floats.
 MAX_K = 1000
+#: The largest noise ratio: random items inserted per item of the queries.
+MAX_RATIO = 10.0
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Every value an analysis takes, checked before the model, the data or the bank is loaded."""
     if args.out is not None:
         check_output_dir(args.out, "--out")
-    if args.cache_dir.lower() != "none":
-        check_output_dir(args.cache_dir, "--cache-dir")
+    args.cache_dir = cache_dir_option(args.cache_dir, "--cache-dir")
     if getattr(args, "bounds", None) is not None:
         lo, hi = args.bounds
         check(1 <= lo <= hi, f"--bounds LO HI must satisfy 1 <= LO <= HI, got {lo} {hi}")
     for value in getattr(args, "ratios", None) or []:
-        check(math.isfinite(value) and value >= 0, f"--ratios must be >= 0, got {value}")
+        # a ratio r inserts r x (the queries' items) random items: 10 is already 11x the data
+        check(math.isfinite(value) and 0 <= value <= MAX_RATIO, f"--ratios must be in [0, {MAX_RATIO}], got {value}")
+    if getattr(args, "groups", None) is not None:
+        check(args.groups >= 1, f"--groups must be >= 1, got {args.groups}")
     for name in ("alpha", "beta"):
         for value in getattr(args, name, None) or []:
             check(0.0 <= value <= 1.0, f"--{name} values must be in [0, 1], got {value}")
@@ -123,7 +127,7 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["raserec", "analyze", *argv])  # argv, not sys.argv: main() may be called in-process
     L.seed_everything(args.seed, verbose=False)
     progress = not args.no_progress
-    cache_dir = None if args.cache_dir.lower() == "none" else args.cache_dir
+    cache_dir = args.cache_dir
     if args.name == "drift":
         from raserec.analysis.drift import drift
 

@@ -107,13 +107,13 @@ def available_ranks(seed_dir: Path) -> dict[str, RankColumn]:
     out: dict[str, RankColumn] = {}
     raft = seed_dir / "ranks_test.npz"
     if raft.is_file():
-        z = _load(raft, ("user", "end", "target", *_RAFT_FILE_COLUMNS.values()))
+        z = load_ranks_file(raft, ("user", "end", "target", *_RAFT_FILE_COLUMNS.values()))
         for column, key in _RAFT_FILE_COLUMNS.items():
             out[column] = RankColumn(z["user"], z["end"], z["target"], z[key], f"{raft}[{key}]")
     for column in COLUMNS:
         path = seed_dir / f"{column}.ranks_test.npz"
         if path.is_file():
-            z = _load(path, ("user", "end", "target", "rank", "queries_total"))
+            z = load_ranks_file(path, ("user", "end", "target", "rank", "queries_total"))
             own = RankColumn(z["user"], z["end"], z["target"], z["rank"], str(path),
                              complete=len(z["rank"]) == int(z["queries_total"]))
             if own.complete or column not in out:
@@ -121,7 +121,7 @@ def available_ranks(seed_dir: Path) -> dict[str, RankColumn]:
     return out
 
 
-def _load(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+def load_ranks_file(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of an ``.npz`` file, or one error line for a damaged or foreign one."""
     try:
         with np.load(path) as z:
@@ -138,6 +138,8 @@ def _load(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     for key, a in columns.items():
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise RaserecError(f"{path}: {key} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+    if not all(len(a) for a in columns.values()):
+        raise RaserecError(f"{path}: no test queries in it")
     if len({len(a) for a in columns.values()}) > 1:
         raise RaserecError(f"{path}: columns of different lengths "
                            f"({', '.join(f'{k} {len(a)}' for k, a in columns.items())})")

@@ -214,13 +214,14 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
     with open(log_path, "a") as log_file:
         log_file.write(f"\n$ raserec {shlex.join(args)}\n")
         log_file.flush()
+        start = log_file.tell()  # the log holds earlier attempts too: read only this one's output
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        lines = log_path.read_text(errors="replace").splitlines()
-        errors = [line for line in lines if line.startswith("error:")]
-        why = errors[-1].removeprefix("error: ") if errors else (lines[-1].strip() if lines else "no output")
-        raise RaserecError(f"{spec.name}: seed {seed}, stage {stage} failed (exit {proc.returncode}): {why[:300]} "
-                           f"(log: {log_path}; re-run the same command to resume)")
+        with open(log_path, "rb") as log_file:
+            log_file.seek(start)
+            output = log_file.read().decode(errors="replace")
+        raise RaserecError(f"{spec.name}: seed {seed}, stage {stage} failed (exit {proc.returncode}): "
+                           f"{_why(output)} (log: {log_path}; re-run the same command to resume)")
     if not spec.stage_results(seed, stage).is_file():
         raise RaserecError(f"{spec.name}: stage {stage} of seed {seed} finished without writing "
                            f"{spec.stage_results(seed, stage)} (was the run interrupted?)")
@@ -265,21 +266,24 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
 
 
 def ranks_from_stage_files(seed_dir: Path) -> dict[str, np.ndarray] | None:
-    """The ``ranks_test.npz`` arrays from the stages' own rank files, in test-query order; ``None``
-    when a stage has none, or one that covers only part of the test queries (a limited test pass)
-    or other queries than the other stage's."""
+    """The ``ranks_test.npz`` arrays from the stages' own rank files (written in test-query order,
+    also under DDP); ``None`` when a stage has none, a damaged one, one that covers only part of
+    the test queries (a limited test pass) or other queries than the other stage's."""
+    from raserec.experiments.compare import load_ranks_file
+
     columns: dict[str, dict[str, np.ndarray]] = {}
     for stage in ("pretrain", "finetune"):
         path = seed_dir / f"{stage}.ranks_test.npz"
         if not path.is_file():
             return None
-        with np.load(path) as z:
-            if not {"row", "user", "end", "target", "rank", "queries_total"} <= set(z.files):
-                return None
-            order = np.argsort(z["row"], kind="stable")  # a DDP gather may interleave the rows
-            if not np.array_equal(z["row"][order], np.arange(int(z["queries_total"]))):
-                return None
-            columns[stage] = {k: z[k][order] for k in ("user", "end", "target", "rank")}
+        try:
+            z = load_ranks_file(path, ("row", "user", "end", "target", "rank", "queries_total"))
+        except RaserecError as exc:  # damaged or foreign: rank again from the checkpoint
+            log.warning("%s", exc)
+            return None
+        if not np.array_equal(z["row"], np.arange(int(z["queries_total"]))):
+            return None  # a limited test pass: not every query, in order
+        columns[stage] = z
     pre, fine = columns["pretrain"], columns["finetune"]
     if not all(np.array_equal(pre[k], fine[k]) for k in ("user", "end", "target")):
         return None
@@ -357,10 +361,21 @@ def check_stage_commands(spec: ExperimentSpec) -> None:
                 code = cli_main([*stage_command(spec, todo[0], stage), "--print_config"])
             except SystemExit as exc:  # --print_config exits 0 once the command has parsed
                 code = exc.code if isinstance(exc.code, int) else 2
+            except Exception as exc:  # noqa: BLE001 - whatever the parse raised, one line here
+                print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                      file=sys.stderr)
+                code = 2
         if code != 0:
-            errors = [line.removeprefix("error: ") for line in err.getvalue().splitlines() if line.startswith("error:")]
             raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: "
-                               f"{errors[-1] if errors else f'exit code {code}'}")
+                               f"{_why(err.getvalue(), f'exit code {code}')}")
+
+
+def _why(output: str, default: str = "no output") -> str:
+    """What a `raserec` command's output says went wrong: its last ``error:`` line, else its last
+    line (a traceback's exception), shortened to one line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
+    return (errors[-1] if errors else lines[-1] if lines else default)[:300]
 
 
 def run(spec: ExperimentSpec) -> dict:

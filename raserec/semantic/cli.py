@@ -24,7 +24,7 @@ import numpy as np
 
 from raserec.argparsing import ArgumentParser
 from raserec.errors import DataError
-from raserec.outputs import check_output_dir
+from raserec.outputs import cache_dir_option, check_output_dir
 from raserec.semantic.embedders import EMBEDDERS, save_checked
 from raserec.semantic.generators import make_generator
 from raserec.semantic.space import SemanticConfig, SemanticSpace
@@ -75,10 +75,8 @@ def main(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     check_output_dir(args.out_dir, "OUT_DIR")
-    cache_dir, data_cache_dir = ("" if d.lower() == "none" else d for d in (args.cache_dir, args.data_cache_dir))
-    for option, directory in (("--cache-dir", cache_dir), ("--data-cache-dir", data_cache_dir)):
-        if directory:
-            check_output_dir(directory, option)
+    cache_dir = cache_dir_option(args.cache_dir, "--cache-dir") or ""  # "": SemanticConfig's "no cache"
+    data_cache_dir = cache_dir_option(args.data_cache_dir, "--data-cache-dir")
     if not Path(args.data).exists():
         raise DataError(f"{args.data}: no such file or prepared directory")
     item_text_path(args.text, args.data)  # a missing text file fails here, before the data is read
@@ -88,7 +86,7 @@ def main(argv: list[str]) -> int:
                             exclude_same_user=not args.include_same_user, cache_dir=cache_dir)
     # The generator's own checks (a responses file that is not UTF-8 JSON lines, ...) before the data is read.
     make_generator(config.generator, config.generator_path, config.base_url, config.llm_model)
-    dm = SequenceDataModule(args.data, max_len=args.max_len, cache_dir=data_cache_dir or None)
+    dm = SequenceDataModule(args.data, max_len=args.max_len, cache_dir=data_cache_dir)
     space = SemanticSpace(dm, config, progress=not args.no_progress)
     # Everything is computed (and cached) before OUT_DIR is touched.
     outputs = {"items": space.item_vectors, "item_neighbours": space.item_neighbours}

@@ -118,10 +118,10 @@ class SemanticSpace:
         self.progress = progress
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
         self.data = dm.data
-        self.train = dm.pairs("train")
         # An item has at most N - 1 neighbours; a larger k only allocates [N + 1, k] tables of nothing.
         check(config.k < self.data.num_items,
               f"semantic.k ({config.k}) must be below the number of items ({self.data.num_items})")
+        self.train = dm.pairs("train")
 
     # --------------------------------------------------------------- items
     @cached_property
