@@ -196,8 +196,13 @@ def write_query_ranks(path: Path, rows: np.ndarray, ranks: np.ndarray, pairs: An
     """Per-query ranks with the identity of each query (user, prefix end, target), so that a
     comparison can check that two models ranked the same queries, and ``queries_total``, the
     number of test queries (more than the rows when the test pass was limited)."""
+    return save_npz(path, row=rows, user=pairs.user[rows], end=pairs.end[rows], target=pairs.target[rows],
+                    rank=ranks, queries_total=np.int64(len(pairs)))
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    """``np.savez_compressed`` through a temporary file: a reader never sees a half-written one."""
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, row=rows, user=pairs.user[rows], end=pairs.end[rows], target=pairs.target[rows],
-                        rank=ranks, queries_total=np.int64(len(pairs)))
+    np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     return path

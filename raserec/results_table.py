@@ -158,7 +158,7 @@ SEMANTIC_METHODS = ("sasrec", "sracl", "grasp")
 def semantic_table(results_dir: Path) -> str:
     """SASRec, SASRec + SRA-CL, SASRec + GRASP and RaSeRec per dataset, each with its gain over
     the same SASRec run (the papers used LLM text and other protocols: compare gains, not levels)."""
-    rows: dict[str, list[tuple[str, dict, str, str]]] = {}
+    rows: dict[str, list[tuple[str, dict, tuple[int, ...], str]]] = {}
     for path in sorted(results_dir.glob("*.json")):
         # <dataset>_<method>.json, or a variant of a method as <dataset>_<method>_<variant>.json
         parts = path.stem.split("_")
@@ -170,8 +170,7 @@ def semantic_table(results_dir: Path) -> str:
         r = json.loads(path.read_text())
         if "cpu_short" in r.get("command", "") or "not converged" in r.get("notes", ""):
             continue  # converged runs only, as the RaSeRec rows below
-        rows.setdefault(prefix, []).append((r["model"], r["metrics"], ", ".join(map(str, r.get("seeds", []))),
-                                            path.name))
+        rows.setdefault(prefix, []).append((r["model"], r["metrics"], tuple(r.get("seeds", [])), path.name))
     for prefix in list(rows):
         # RaSeRec and its variants on the SASRec backbone (e.g. semantic memory keys), converged runs only
         for summary in sorted(results_dir.glob(f"{prefix}_*raserec/summary.json")):
@@ -180,8 +179,7 @@ def semantic_table(results_dir: Path) -> str:
                 continue
             name = s.get("model") if summary.parent.name != f"{prefix}_raserec" else ""
             label = name or "RaSeRec (pre-training + RAFT, collaborative retrieval)"
-            rows[prefix].append((label, s["finetune"], ", ".join(map(str, s["seeds"])),
-                                 f"{summary.parent.name}/summary.json"))
+            rows[prefix].append((label, s["finetune"], tuple(s["seeds"]), f"{summary.parent.name}/summary.json"))
     head = ("| dataset | model (text source + encoder) | " + " | ".join(SEMANTIC_KEYS) +
             " | NDCG@10 vs SASRec | HR@20 vs SASRec | seeds | file |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -191,18 +189,17 @@ def semantic_table(results_dir: Path) -> str:
         for model, m, seeds, name in sorted(entries, key=lambda e: e[3] != f"{prefix}_sasrec.json"):
             gains = ["", ""] if base is None or name == f"{prefix}_sasrec.json" else [
                 relative_gain(m.get(f"test/{k}"), base.get(f"test/{k}")) for k in ("NDCG@10", "HR@20")]
-            if base is not None and _seed_set(seeds) != _seed_set(base_seeds) and name != f"{prefix}_sasrec.json":
+            if base is not None and set(seeds) != set(base_seeds) and name != f"{prefix}_sasrec.json":
                 # means over other seeds than SASRec's: a seed's split and init are not paired
-                gains = [f"{g} (SASRec seeds {base_seeds})" if g else g for g in gains]
+                gains = [f"{g} (SASRec seeds {_seeds(base_seeds)})" if g else g for g in gains]
             lines.append(f"| {prefix.capitalize()} | {model} | " +
-                         " | ".join(mean_std(m, k, "," in seeds) for k in SEMANTIC_KEYS) +
-                         f" | {gains[0]} | {gains[1]} | {seeds} | {name} |")
+                         " | ".join(mean_std(m, k, len(seeds) > 1) for k in SEMANTIC_KEYS) +
+                         f" | {gains[0]} | {gains[1]} | {_seeds(seeds)} | {name} |")
     return "\n".join(lines)
 
 
-def _seed_set(seeds: str | None) -> frozenset[str]:
-    """The seeds of a ``"2024, 2025"`` cell, in any order."""
-    return frozenset(s.strip() for s in (seeds or "").split(",") if s.strip())
+def _seeds(seeds: tuple[int, ...]) -> str:
+    return ", ".join(map(str, seeds))
 
 
 def cost_table(results_dir: Path) -> str:

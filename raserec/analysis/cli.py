@@ -96,7 +96,6 @@ def check_args(args: argparse.Namespace) -> None:
     """Every value an analysis takes, checked before the model, the data or the bank is loaded."""
     if args.out is not None:
         check_output_dir(args.out, "--out")
-    args.cache_dir = cache_dir_option(args.cache_dir, "--cache-dir")
     if getattr(args, "bounds", None) is not None:
         lo, hi = args.bounds
         check(1 <= lo <= hi, f"--bounds LO HI must satisfy 1 <= LO <= HI, got {lo} {hi}")
@@ -127,7 +126,7 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["raserec", "analyze", *argv])  # argv, not sys.argv: main() may be called in-process
     L.seed_everything(args.seed, verbose=False)
     progress = not args.no_progress
-    cache_dir = args.cache_dir
+    cache_dir = cache_dir_option(args.cache_dir, "--cache-dir")
     if args.name == "drift":
         from raserec.analysis.drift import drift
 
@@ -147,7 +146,7 @@ def main(argv: list[str]) -> int:
 
     module, dm = load_raft(args.checkpoint, args.data, cache_dir=cache_dir)
     dataset = dm.data_path.stem.lower()
-    out = Output(check_output_dir(args.out or Path("results/analysis") / dataset, "--out"), args.name, command)
+    out = Output(args.out or check_output_dir(Path("results/analysis") / dataset, "--out"), args.name, command)
     ev = Evaluator(module, dm, progress=progress)
     extra: dict = {"seeds": [args.seed], **({"notes": args.notes} if args.notes else {})}
     if args.name == "long_tail":

@@ -144,7 +144,7 @@ def load_ranks_file(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         raise RaserecError(f"{path}: columns of different lengths "
                            f"({', '.join(f'{k} {len(a)}' for k, a in columns.items())})")
     for key in set(columns) & {"rank", *_RAFT_FILE_COLUMNS.values()}:
-        if len(columns[key]) and columns[key].min() < 0:
+        if columns[key].min() < 0:
             raise RaserecError(f"{path}: {key} holds negative ranks")
     if "queries_total" in arrays:
         total = arrays["queries_total"]

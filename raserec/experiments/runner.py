@@ -259,10 +259,9 @@ def compute_ranks(spec: ExperimentSpec, seed: int) -> None:
     if ranks is None:
         log.info("seed %d: no complete per-stage rank files; ranking the test queries again", seed)
         ranks = ranks_from_checkpoint(spec, seed)
-    path = spec.ranks_file(seed)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **ranks)
-    tmp.replace(path)
+    from raserec.results import save_npz
+
+    save_npz(spec.ranks_file(seed), **ranks)
 
 
 def ranks_from_stage_files(seed_dir: Path) -> dict[str, np.ndarray] | None:
@@ -362,9 +361,8 @@ def check_stage_commands(spec: ExperimentSpec) -> None:
             except SystemExit as exc:  # --print_config exits 0 once the command has parsed
                 code = exc.code if isinstance(exc.code, int) else 2
             except Exception as exc:  # noqa: BLE001 - whatever the parse raised, one line here
-                print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-                      file=sys.stderr)
-                code = 2
+                raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: "
+                                   f"{type(exc).__name__}: {_why(str(exc))}") from exc
         if code != 0:
             raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: "
                                f"{_why(err.getvalue(), f'exit code {code}')}")
