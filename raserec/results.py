@@ -116,6 +116,9 @@ class ResultsWriter(L.Callback):
         self._fit_time: float | None = None
         self._schedule = ""  # how the fit ended (set at fit end; empty for a test-only run)
         self._first_epoch = 0  # where this fit started (set at fit start, after a checkpoint restore)
+        # Which machine ran which epochs: a run resumed elsewhere (a carried checkpoint) records
+        # every machine, not only the one that happened to finish it.
+        self._segments: list[dict[str, Any]] = []
 
     # on_validation_end runs after the module's epoch-end hook has logged this epoch's metrics.
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -124,10 +127,20 @@ class ResultsWriter(L.Callback):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if m:
             self._curve.append({"epoch": trainer.current_epoch + 1, **m})
+        self._end_segment_at(trainer.current_epoch + 1)
+
+    # Runs before the checkpoint callbacks (Lightning calls those last), so a saved state counts the epoch.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_segment_at(trainer.current_epoch + 1)
+
+    def _end_segment_at(self, epoch: int) -> None:
+        if self._segments:
+            self._segments[-1]["last_epoch"] = epoch
 
     # Stateful, so a run resumed with --ckpt_path keeps its curve and counts its earlier time.
     def state_dict(self) -> dict[str, Any]:
-        return {"curve": list(self._curve), "elapsed_s": time.perf_counter() - self._start}
+        return {"curve": list(self._curve), "elapsed_s": time.perf_counter() - self._start,
+                "segments": [dict(seg) for seg in self._segments]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied only when fitting resumes: testing a checkpoint (e.g. the best one after fit)
@@ -135,11 +148,18 @@ class ResultsWriter(L.Callback):
         self._pending = state_dict
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.current_epoch if trainer is not None else 0  # epochs restored from a checkpoint
         state = getattr(self, "_pending", None)
         if state is not None:
             self._curve = list(state["curve"])
             self._start = time.perf_counter() - float(state["elapsed_s"])
+            self._segments = [dict(seg) for seg in state.get("segments", [])]
+            recorded = self._segments[-1]["last_epoch"] if self._segments else 0
+            if done > recorded:  # a checkpoint from before machines were recorded
+                self._segments.append({"hardware": None, "first_epoch": recorded + 1, "last_epoch": done})
             self._pending = None
+        if trainer is not None:
+            self._segments.append({"hardware": hardware(), "first_epoch": done + 1, "last_epoch": done})
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pending = None
@@ -160,7 +180,7 @@ class ResultsWriter(L.Callback):
         seed = os.environ.get("PL_GLOBAL_SEED")
         record = {
             "command": command_line(),
-            "hardware": hardware(),
+            "hardware": describe_segments(self._segments) or hardware(),
             "dataset": self.dataset,
             "model": self.model,
             "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",  # what actually ran
@@ -177,6 +197,8 @@ class ResultsWriter(L.Callback):
             "val_curve": self._curve,
             "config": self.config,
         }
+        if len(self._segments) > 1:  # resumed: which machine ran which epochs
+            record["segments"] = self._segments
         query_ranks = getattr(pl_module, "test_query_ranks", None) if self.ranks else None
         if query_ranks is not None and trainer.datamodule is not None:
             record["ranks_file"] = write_query_ranks(ranks_path(self.path), *query_ranks,
@@ -184,6 +206,28 @@ class ResultsWriter(L.Callback):
         else:  # a rank file left by an earlier run of another model must not pass for this one's
             ranks_path(self.path).unlink(missing_ok=True)
         write_results(self.path, record)  # last: its existence marks the run finished
+
+
+def describe_segments(segments: list[dict[str, Any]]) -> str | None:
+    """``hardware`` of a run whose epochs ran on several machines: each machine with its epochs
+    (consecutive segments on the same machine merged); ``None`` when one machine ran them all."""
+    merged: list[dict[str, Any]] = []
+    for seg in segments:
+        if seg["last_epoch"] < seg["first_epoch"]:
+            continue  # resumed and stopped before finishing an epoch
+        if merged and merged[-1]["hardware"] == seg["hardware"]:
+            merged[-1]["last_epoch"] = seg["last_epoch"]
+        else:
+            merged.append(dict(seg))
+    if len(merged) < 2:
+        return None
+
+    def epochs(seg: dict[str, Any]) -> str:
+        a, b = seg["first_epoch"], seg["last_epoch"]
+        return f"epoch {a}" if a == b else f"epochs {a}-{b}"
+
+    return "; ".join(f"{seg['hardware'] or 'not recorded (a checkpoint from before machines were recorded)'}: "
+                     f"{epochs(seg)}" for seg in merged)
 
 
 def ranks_path(results_path: str | Path) -> Path:

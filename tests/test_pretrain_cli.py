@@ -416,6 +416,53 @@ def test_results_record_how_the_fit_ended(tmp_path, how) -> None:
     assert record["schedule"] == expected and record["notes"] == f"toy schedule; {expected}"
 
 
+def test_a_run_resumed_on_another_machine_records_both(tmp_path, monkeypatch) -> None:
+    """A carried checkpoint finished elsewhere: the record names every machine with its epochs,
+    not only the one that finished the run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import raserec.results as results
+
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+
+    def fit(machine: str, max_epochs: int, ckpt_path: str | None = None) -> dict:
+        monkeypatch.setattr(results, "hardware", lambda: machine)
+        writer = results.ResultsWriter(str(tmp_path / "r.json"), "toy", "m")
+        trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False,
+                            callbacks=[writer, ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        model = Worsening()
+        trainer.fit(model, data, data, ckpt_path=ckpt_path)
+        trainer.test(model, data, verbose=False)
+        return json.loads((tmp_path / "r.json").read_text())
+
+    one = fit("GPU box", 3)
+    assert one["hardware"] == "GPU box" and "segments" not in one
+    two = fit("CPU box", 5, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert two["hardware"] == "GPU box: epochs 1-3; CPU box: epochs 4-5"
+    assert [(s["hardware"], s["first_epoch"], s["last_epoch"]) for s in two["segments"]] == [
+        ("GPU box", 1, 3), ("CPU box", 4, 5)]
+    # resumed again on the same machine: one entry for it, not two
+    three = fit("CPU box", 6, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert three["hardware"] == "GPU box: epochs 1-3; CPU box: epochs 4-6"
+
+
+def test_a_checkpoint_from_before_machines_were_recorded_says_so() -> None:
+    from types import SimpleNamespace
+
+    from raserec.results import ResultsWriter, describe_segments, hardware
+
+    writer = ResultsWriter("unused.json", "Beauty", "m")
+    writer.load_state_dict({"curve": [], "elapsed_s": 10.0})  # an older checkpoint: no segments
+    writer.on_train_start(SimpleNamespace(current_epoch=8), None)
+    writer._end_segment_at(12)
+    assert describe_segments(writer._segments) == (
+        f"not recorded (a checkpoint from before machines were recorded): epochs 1-8; {hardware()}: epochs 9-12")
+    # a resume that stopped before finishing an epoch adds nothing
+    assert describe_segments([{"hardware": "A", "first_epoch": 1, "last_epoch": 4},
+                              {"hardware": "B", "first_epoch": 5, "last_epoch": 4}]) is None
+
+
 def test_a_fit_without_progress_bar_logs_one_line_per_epoch(beauty_slice: Path, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """Background runs (``--trainer.enable_progress_bar false``) say how each epoch went: its
