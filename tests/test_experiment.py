@@ -122,6 +122,37 @@ def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, m
     assert args[args.index("--ckpt_path") + 1] == str(spec.checkpoint(2, "pretrain", "last"))
 
 
+def test_finished_seeds_are_summarized_before_the_experiment_ends(tmp_path, capsys, monkeypatch):
+    """A three-seed run can take days: the seeds that finished are summarized after each seed and
+    by --carry, not only when the last seed ends."""
+    import raserec.experiments.runner as runner
+    from raserec.errors import RaserecError
+    from raserec.results import write_results
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--name", "x", "--pretrain", "configs/beauty_sasrec.yaml", "--seeds", "1", "2",
+            "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+
+    def stage(spec, seed, stage):  # seed 1 finishes, seed 2 is cut off
+        if seed == 2:
+            raise RaserecError("x: seed 2, stage pretrain failed (exit -9)")
+        write_results(spec.stage_results(seed, stage), {
+            "metrics": {"test/HR@10": 0.25, "test/NDCG@10": 0.125}, "epochs": 3, "wall_time_s": 60.0,
+            "command": "raserec fit", "hardware": "cpu", "model": "SASRec", "dataset": "Beauty",
+            "schedule": "converged"})
+
+    monkeypatch.setattr(runner, "run_stage", stage)
+    monkeypatch.setattr(runner, "check_stage_commands", lambda spec: None)
+    with pytest.raises(RaserecError, match="seed 2"):
+        runner.run(runner.parse_args(argv))
+    record = json.loads((tmp_path / "results" / "x.json").read_text())
+    assert record["seeds"] == [1] and record["metrics"]["test/HR@10"] == 0.25
+    assert "summary of seeds 1:" in capsys.readouterr().out
+    (tmp_path / "results" / "x.json").unlink()
+    assert runner.main([*argv, "--carry"]) == 0  # nothing to carry, but the finished seed is summarized
+    assert json.loads((tmp_path / "results" / "x.json").read_text())["seeds"] == [1]
+
+
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
     spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), Path("configs/beauty_raft.yaml"), [7],
                           results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")

@@ -376,8 +376,8 @@ def _why(output: str, default: str = "no output") -> str:
     return (errors[-1] if errors else lines[-1] if lines else default)[:300]
 
 
-def run(spec: ExperimentSpec) -> dict:
-    """Run (or resume) every missing stage of every seed, then write the summaries."""
+def run(spec: ExperimentSpec) -> dict | None:
+    """Run (or resume) every missing stage of every seed, writing the summaries after each seed."""
     # Before anything is created or trained: a seed missing in --stage1-from, an unwritable
     # directory or a command `raserec fit` refuses fails now, not hours later.
     for seed in spec.seeds:
@@ -391,6 +391,7 @@ def run(spec: ExperimentSpec) -> dict:
     steps = (*spec.stages, "ranks") if spec.finetune is not None else spec.stages
     total = len(spec.seeds) * len(steps)
     step = 0
+    summary = None
     for i, seed in enumerate(spec.seeds, 1):
         spec.seed_dir(seed).mkdir(parents=True, exist_ok=True)
         for stage in steps:
@@ -410,11 +411,23 @@ def run(spec: ExperimentSpec) -> dict:
             else:
                 run_stage(spec, seed, stage)
             print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+        # After every seed, not only the last: an experiment stopped days into its third seed
+        # already has the figures of the first two.
+        summary = write_summary(spec)
+    return summary
+
+
+def write_summary(spec: ExperimentSpec) -> dict | None:
+    """Summarize the finished seeds (``summary.md``, ``summary.json``, ``results/<name>.json``);
+    ``None`` when no seed has finished yet."""
     from raserec.experiments.summary import summarize
 
-    summary = summarize(spec)
-    print(f"[{spec.name}] summary: {spec.out / 'summary.md'} and {spec.results_dir / (spec.name + '.json')}",
-          flush=True)
+    try:
+        summary = summarize(spec)
+    except ValueError:  # no seed has finished every stage
+        return None
+    print(f"[{spec.name}] summary of seeds {', '.join(map(str, summary['seeds']))}: {spec.out / 'summary.md'} "
+          f"and {spec.results_dir / (spec.name + '.json')}", flush=True)
     return summary
 
 
@@ -495,6 +508,7 @@ def main(argv: list[str]) -> int:
             print(f"carried {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         if not copied:
             print(f"{spec.name}: no unfinished stage with a checkpoint in {spec.runs_dir}: nothing to carry")
+        write_summary(spec)  # the seeds that did finish, ready to commit beside the carried ones
         return 0
     run(spec)
     return 0
