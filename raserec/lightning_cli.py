@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict
@@ -271,8 +271,11 @@ class RaserecCLI(LightningCLI):
         if spec is not None and spec.path:
             parser = self._parser(self.subcommand)
             config = json.loads(parser.dump(self.config[self.subcommand], skip_none=False, format="json"))
-            trainer.callbacks.append(ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes, config=config,
-                                                   ranks=spec.ranks))
+            writer = ResultsWriter(spec.path, spec.dataset, spec.model, spec.notes, config=config, ranks=spec.ranks)
+            # Before the checkpoint callbacks (Lightning ordered those last when it built the
+            # trainer): a checkpoint saved at validation end must hold the writer's state of that epoch.
+            at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
+            trainer.callbacks.insert(at, writer)
         if self.subcommand == "predict":
             trainer.callbacks.append(TopNWriter(self.config_init["predict"]["predict_output"]))
         if self.subcommand == "fit" and trainer.progress_bar_callback is None:

@@ -115,7 +115,7 @@ class ResultsWriter(L.Callback):
         self._curve: list[dict[str, float]] = []
         self._fit_time: float | None = None
         self._schedule = ""  # how the fit ended (set at fit end; empty for a test-only run)
-        self._first_epoch = 0  # where this fit started (set at fit start, after a checkpoint restore)
+        self._first_epoch = 0  # where this fit started (set once the checkpoint is restored)
         # Which machine ran which epochs: a run resumed elsewhere (a carried checkpoint) records
         # every machine, not only the one that happened to finish it.
         self._segments: list[dict[str, Any]] = []
@@ -149,25 +149,34 @@ class ResultsWriter(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch if trainer is not None else 0  # epochs restored from a checkpoint
-        state = getattr(self, "_pending", None)
-        if state is not None:
-            self._curve = list(state["curve"])
-            self._start = time.perf_counter() - float(state["elapsed_s"])
-            self._segments = [dict(seg) for seg in state.get("segments", [])]
-            recorded = self._segments[-1]["last_epoch"] if self._segments else 0
-            if done > recorded:  # a checkpoint from before machines were recorded
-                self._segments.append({"hardware": None, "first_epoch": recorded + 1, "last_epoch": done})
-            self._pending = None
+        self._first_epoch = done  # here, not in on_fit_start: that runs before the checkpoint is restored
+        done = self._resume(done)
         if trainer is not None:
             self._segments.append({"hardware": hardware(), "first_epoch": done + 1, "last_epoch": done})
+
+    def _resume(self, done: int) -> int:
+        """Apply a checkpoint's state (if this fit resumed one); returns the epochs it recorded."""
+        state = getattr(self, "_pending", None)
+        if state is None:
+            return done
+        self._pending = None
+        self._curve = list(state["curve"])
+        self._start = time.perf_counter() - float(state["elapsed_s"])
+        self._segments = [dict(seg) for seg in state.get("segments", [])]
+        recorded = self._segments[-1]["last_epoch"] if self._segments else 0
+        if done > recorded:  # a checkpoint from before machines were recorded
+            self._segments.append({"hardware": None, "first_epoch": recorded + 1, "last_epoch": done})
+        # a checkpoint saved at validation end has counted an epoch the restored loop may not have yet
+        return max(done, recorded)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pending = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._first_epoch = trainer.current_epoch
-
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed fit that had nothing left to train never reached on_train_start: its record
+        # is still the checkpoint's (and so is how it ended: an early stop restored with it counts).
+        if getattr(self, "_pending", None) is not None:
+            self._resume(trainer.current_epoch)
         self._fit_time = time.perf_counter() - self._start
         self._schedule = schedule(trainer, self._first_epoch)
 
@@ -180,7 +189,7 @@ class ResultsWriter(L.Callback):
         seed = os.environ.get("PL_GLOBAL_SEED")
         record = {
             "command": command_line(),
-            "hardware": describe_segments(self._segments) or hardware(),
+            "hardware": hardware_of(self._segments),
             "dataset": self.dataset,
             "model": self.model,
             "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",  # what actually ran
@@ -197,8 +206,9 @@ class ResultsWriter(L.Callback):
             "val_curve": self._curve,
             "config": self.config,
         }
-        if len(self._segments) > 1:  # resumed: which machine ran which epochs
-            record["segments"] = self._segments
+        machines = merge_segments(self._segments)
+        if len(machines) > 1:  # resumed elsewhere: which machine ran which epochs
+            record["segments"] = machines
         query_ranks = getattr(pl_module, "test_query_ranks", None) if self.ranks else None
         if query_ranks is not None and trainer.datamodule is not None:
             record["ranks_file"] = write_query_ranks(ranks_path(self.path), *query_ranks,
@@ -208,9 +218,8 @@ class ResultsWriter(L.Callback):
         write_results(self.path, record)  # last: its existence marks the run finished
 
 
-def describe_segments(segments: list[dict[str, Any]]) -> str | None:
-    """``hardware`` of a run whose epochs ran on several machines: each machine with its epochs
-    (consecutive segments on the same machine merged); ``None`` when one machine ran them all."""
+def merge_segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The segments that ran at least one epoch, consecutive ones on the same machine merged."""
     merged: list[dict[str, Any]] = []
     for seg in segments:
         if seg["last_epoch"] < seg["first_epoch"]:
@@ -219,15 +228,28 @@ def describe_segments(segments: list[dict[str, Any]]) -> str | None:
             merged[-1]["last_epoch"] = seg["last_epoch"]
         else:
             merged.append(dict(seg))
-    if len(merged) < 2:
-        return None
+    return merged
+
+
+#: How epochs restored from a checkpoint older than the machine record are named.
+NOT_RECORDED = "not recorded (a checkpoint from before machines were recorded)"
+
+
+def hardware_of(segments: list[dict[str, Any]]) -> str:
+    """The ``hardware`` of a record: the machine that ran its epochs, or each machine with its
+    epochs when a resumed run moved (``A: epochs 1-8, then B: epochs 9-71``); this machine when
+    no epoch was trained (a test-only run)."""
+    merged = merge_segments(segments)
+    if not merged:
+        return hardware()
+    if len(merged) == 1:
+        return merged[0]["hardware"] or NOT_RECORDED
 
     def epochs(seg: dict[str, Any]) -> str:
         a, b = seg["first_epoch"], seg["last_epoch"]
         return f"epoch {a}" if a == b else f"epochs {a}-{b}"
 
-    return "; ".join(f"{seg['hardware'] or 'not recorded (a checkpoint from before machines were recorded)'}: "
-                     f"{epochs(seg)}" for seg in merged)
+    return ", then ".join(f"{seg['hardware'] or NOT_RECORDED}: {epochs(seg)}" for seg in merged)
 
 
 def ranks_path(results_path: str | Path) -> Path:

@@ -439,28 +439,61 @@ def test_a_run_resumed_on_another_machine_records_both(tmp_path, monkeypatch) ->
     one = fit("GPU box", 3)
     assert one["hardware"] == "GPU box" and "segments" not in one
     two = fit("CPU box", 5, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert two["hardware"] == "GPU box: epochs 1-3; CPU box: epochs 4-5"
+    assert two["hardware"] == "GPU box: epochs 1-3, then CPU box: epochs 4-5"
     assert [(s["hardware"], s["first_epoch"], s["last_epoch"]) for s in two["segments"]] == [
         ("GPU box", 1, 3), ("CPU box", 4, 5)]
     # resumed again on the same machine: one entry for it, not two
     three = fit("CPU box", 6, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert three["hardware"] == "GPU box: epochs 1-3; CPU box: epochs 4-6"
+    assert three["hardware"] == "GPU box: epochs 1-3, then CPU box: epochs 4-6"
+    assert len(three["segments"]) == 2
+    # resumed with nothing left to train (e.g. a crash while testing): the record is unchanged
+    four = fit("Laptop", 6, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert four["hardware"] == three["hardware"] and four["val_curve"] == three["val_curve"]
 
 
 def test_a_checkpoint_from_before_machines_were_recorded_says_so() -> None:
     from types import SimpleNamespace
 
-    from raserec.results import ResultsWriter, describe_segments, hardware
+    from raserec.results import NOT_RECORDED, ResultsWriter, hardware, hardware_of
 
     writer = ResultsWriter("unused.json", "Beauty", "m")
     writer.load_state_dict({"curve": [], "elapsed_s": 10.0})  # an older checkpoint: no segments
     writer.on_train_start(SimpleNamespace(current_epoch=8), None)
     writer._end_segment_at(12)
-    assert describe_segments(writer._segments) == (
-        f"not recorded (a checkpoint from before machines were recorded): epochs 1-8; {hardware()}: epochs 9-12")
-    # a resume that stopped before finishing an epoch adds nothing
-    assert describe_segments([{"hardware": "A", "first_epoch": 1, "last_epoch": 4},
-                              {"hardware": "B", "first_epoch": 5, "last_epoch": 4}]) is None
+    assert hardware_of(writer._segments) == f"{NOT_RECORDED}: epochs 1-8, then {hardware()}: epochs 9-12"
+    # a resume that stopped before finishing an epoch adds nothing, and does not hide the machine
+    # that did run the epochs
+    assert hardware_of([{"hardware": "A", "first_epoch": 1, "last_epoch": 4},
+                        {"hardware": "B", "first_epoch": 5, "last_epoch": 4}]) == "A"
+    assert hardware_of([]) == hardware()  # a test-only run
+
+
+def test_the_cli_record_of_a_resumed_fit_saved_at_validation_end(beauty_slice: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Checkpoints saved at validation end hold the writer's state of that epoch (the writer runs
+    before the checkpoint callbacks), and resuming a fit with nothing left to train keeps the
+    record of the machines that trained it."""
+    import raserec.results as results
+
+    def fit(machine: str, max_epochs: int, *extra: str) -> dict:
+        monkeypatch.setattr(results, "hardware", lambda: machine)
+        rc = main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+                   *_overrides(tmp_path), "--data.data_path", str(beauty_slice), "--trainer.max_epochs",
+                   str(max_epochs), "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+                   "--checkpoint.save_on_train_epoch_end", "false", "--early_stopping.check_on_train_epoch_end",
+                   "false", "--results.path", str(tmp_path / "r.json"),
+                   *extra])
+        assert rc == 0
+        return json.loads((tmp_path / "r.json").read_text())
+
+    assert fit("A", 2)["hardware"] == "A"
+    last = str(tmp_path / "run" / "last.ckpt")
+    record = fit("B", 3, "--ckpt_path", last)
+    assert record["hardware"] == "A: epochs 1-2, then B: epoch 3"
+    assert [c["epoch"] for c in record["val_curve"]] == [1, 2, 3]
+    again = fit("C", 3, "--ckpt_path", last)  # already at max_epochs: trains nothing
+    assert again["hardware"] == "A: epochs 1-2, then B: epoch 3"
+    assert [c["epoch"] for c in again["val_curve"]] == [1, 2, 3]
 
 
 def test_a_fit_without_progress_bar_logs_one_line_per_epoch(beauty_slice: Path, tmp_path: Path,

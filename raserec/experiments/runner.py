@@ -420,11 +420,11 @@ def run(spec: ExperimentSpec) -> dict | None:
 def write_summary(spec: ExperimentSpec) -> dict | None:
     """Summarize the finished seeds (``summary.md``, ``summary.json``, ``results/<name>.json``);
     ``None`` when no seed has finished yet."""
-    from raserec.experiments.summary import summarize
+    from raserec.experiments.summary import NoFinishedSeed, summarize
 
     try:
         summary = summarize(spec)
-    except ValueError:  # no seed has finished every stage
+    except NoFinishedSeed:  # any other error (a damaged stage record) is the user's to see
         return None
     print(f"[{spec.name}] summary of seeds {', '.join(map(str, summary['seeds']))}: {spec.out / 'summary.md'} "
           f"and {spec.results_dir / (spec.name + '.json')}", flush=True)

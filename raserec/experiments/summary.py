@@ -67,6 +67,10 @@ def across_seeds(base: list[dict[str, float]], tuned: list[dict[str, float]]) ->
     return across
 
 
+class NoFinishedSeed(ValueError):
+    """No seed of the experiment has finished every stage yet: nothing to summarize."""
+
+
 def all_hardware(per_seed: list[dict[str, Any]]) -> str:
     """Every machine the seeds ran on, in seed order, each once (seeds of one experiment often
     run in different sessions, on different machines)."""
@@ -121,7 +125,7 @@ def summarize(spec) -> dict[str, Any]:
         seeds.append(seed)
         per_seed.append(entry)
     if not per_seed:
-        raise ValueError(f"{spec.name}: no seed has finished both stages yet")
+        raise NoFinishedSeed(f"{spec.name}: no seed has finished both stages yet")
     first_fine = _stage(spec.stage_results(seeds[0], "finetune"))
     dataset = spec.dataset or first_fine.get("dataset") or ""
 
@@ -217,7 +221,7 @@ def summarize_single(spec) -> dict[str, Any]:
                              "schedule": res.get("schedule"),
                              "dataset": res.get("dataset", "")})
     if not per_seed:
-        raise ValueError(f"{spec.name}: no seed has finished yet")
+        raise NoFinishedSeed(f"{spec.name}: no seed has finished yet")
     seeds = [e["seed"] for e in per_seed]
     metrics = _aggregate(per_seed, "model")
     first = per_seed[0]
