@@ -158,6 +158,10 @@ def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
                           results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
     args = stage_command(spec, 7, "pretrain")
     assert "--ckpt_path" not in args
+    assert args[args.index("--trainer.enable_progress_bar") + 1] == "false"  # stages write to a log file
+    bar = ExperimentSpec("x", spec.pretrain, spec.finetune, [7], results_dir=spec.results_dir, runs_dir=spec.runs_dir,
+                         extra_args=["--trainer.enable_progress_bar", "true"])
+    assert stage_command(bar, 7, "pretrain").count("--trainer.enable_progress_bar") == 1  # the user's, once
     last = spec.checkpoint(7, "pretrain", "last")
     last.parent.mkdir(parents=True)
     last.write_bytes(b"")

@@ -156,8 +156,9 @@ def stage_command(spec: ExperimentSpec, seed: int, stage: str) -> list[str]:
         "--trainer.logger.init_args.name", stage,
         "--checkpoint.dirpath", str(run_dir / "checkpoints"),
         "--results.path", str(spec.stage_results(seed, stage)),
-        "--trainer.enable_progress_bar", "false",
     ]
+    if not any(a.startswith("--trainer.enable_progress_bar") for a in spec.extra_args):  # a log file: one line per epoch
+        args += ["--trainer.enable_progress_bar", "false"]
     if stage == "finetune":
         args += ["--model.init_args.encoder_checkpoint", str(spec.stage1_encoder(seed))]
     args += spec.extra_args
