@@ -153,6 +153,37 @@ def test_finished_seeds_are_summarized_before_the_experiment_ends(tmp_path, caps
     assert json.loads((tmp_path / "results" / "x.json").read_text())["seeds"] == [1]
 
 
+def test_status_says_where_each_seed_stands(tmp_path, capsys, monkeypatch):
+    from raserec.experiments.runner import main as experiment
+    from raserec.results import write_results
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--name", "x", "--pretrain", "configs/beauty_sracl.yaml", "--seeds", "1", "2", "3", "4",
+            "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+    spec = ExperimentSpec("x", Path("configs/beauty_sracl.yaml"), None, [1, 2, 3, 4],
+                          results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
+    write_results(spec.stage_results(1, "pretrain"), {"epochs": 71, "metrics": {"test/NDCG@10": 0.04694},
+                                                      "schedule": "converged: early stopping"})
+
+    def checkpoint(path: Path, epochs: int, wait: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": epochs - 1, "state_dict": {}, "callbacks": {
+            "EarlyStopping{'monitor': 'val/HR@10', 'mode': 'max'}": {
+                "wait_count": wait, "best_score": torch.tensor(0.1157), "patience": 10}}}, path)
+
+    checkpoint(spec.checkpoint(2, "pretrain", "last"), 12, 3)
+    checkpoint(spec.carried(3, "pretrain", "last"), 8, 0)
+    assert experiment([*argv, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "x seed 1 pretrain: finished: 71 epochs, test NDCG@10 0.0469 (converged: early stopping)",
+        f"x seed 2 pretrain: unfinished: 12 epochs saved in {spec.checkpoint(2, 'pretrain', 'last')}; "
+        "best val/HR@10 0.1157 at epoch 9, 3 of patience 10",
+        f"x seed 3 pretrain: unfinished: 8 epochs saved in {spec.carried(3, 'pretrain', 'last')} (carried); "
+        "best val/HR@10 0.1157 at epoch 8, 0 of patience 10",
+        "x seed 4 pretrain: not started"]
+    assert not (tmp_path / "results" / "x.json").exists()  # --status writes nothing
+
+
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
     spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), Path("configs/beauty_raft.yaml"), [7],
                           results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")

@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import shlex
 import shutil
 import subprocess
@@ -202,6 +203,41 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
                     shutil.copy2(src, dst)
                     copied.append(dst)
     return copied
+
+
+def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
+    """Where one stage of one seed stands, in one line: finished (epochs, test NDCG@10, how the fit
+    ended), unfinished with a checkpoint in ``runs/`` or carried in ``results/`` (epochs saved, the
+    best validation score so far and early stopping's patience used), or not started."""
+    results = spec.stage_results(seed, stage)
+    if results.is_file():
+        record = json.loads(results.read_text())
+        ndcg = (record.get("metrics") or {}).get("test/NDCG@10")
+        how = record.get("schedule") or record.get("notes")
+        return (f"finished: {record.get('epochs')} epochs, test NDCG@10 {'-' if ndcg is None else f'{ndcg:.4f}'}"
+                + (f", stage 1 of {record['adopted_from']}" if record.get("adopted_from") else "")
+                + (f" ({how})" if how else ""))
+    for path, carried in ((spec.checkpoint(seed, stage, "last"), False), (spec.carried(seed, stage, "last"), True)):
+        if path.is_file():
+            from raserec.checkpoint import load_checkpoint_dict
+
+            ckpt = load_checkpoint_dict(path)
+            done = int(ckpt.get("epoch", -1)) + 1
+            line = f"unfinished: {done} epochs saved in {path}" + (" (carried)" if carried else "")
+            for key, es in (ckpt.get("callbacks") or {}).items():
+                monitor = re.search(r"'monitor': '([^']+)'", key)
+                if key.startswith("EarlyStopping") and monitor and es.get("best_score") is not None:
+                    wait = int(es["wait_count"])
+                    line += (f"; best {monitor.group(1)} {float(es['best_score']):.4f} at epoch {done - wait}, "
+                             f"{wait} of patience {int(es['patience'])}")
+            return line
+    return "not started"
+
+
+def status(spec: ExperimentSpec) -> list[str]:
+    """:func:`stage_status` of every seed and stage (``--status``)."""
+    return [f"{spec.name} seed {seed} {stage}: {stage_status(spec, seed, stage)}"
+            for seed in spec.seeds for stage in spec.stages]
 
 
 def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
@@ -476,6 +512,9 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
     p.add_argument("--carry", action="store_true",
                    help="run nothing: copy the unfinished stages' last/best checkpoints from runs/ to "
                         "results/<name>/seed_<s>/<stage>_{last,best}.ckpt (commit them; the same command resumes there)")
+    p.add_argument("--status", action="store_true",
+                   help="run nothing: say where each seed's stages stand (finished, epochs saved and best "
+                        "validation score so far, carried, not started)")
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
     a = p.parse_args(argv)
     check_run_name(a.name)
@@ -494,7 +533,7 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
     if len(set(a.seeds)) != len(a.seeds):
         raise RaserecError(f"--seeds must be distinct, got {a.seeds}")
     backbone = a.backbone or (a.model.stem if a.model is not None and a.model.stem in BACKBONES else "sasrec")
-    command = shlex.join(["raserec", "experiment", *[arg for arg in argv if arg != "--carry"]])
+    command = shlex.join(["raserec", "experiment", *[arg for arg in argv if arg not in ("--carry", "--status")]])
     spec = ExperimentSpec(a.name, a.pretrain, a.finetune, a.seeds, a.overlay, a.dataset, backbone,
                           a.results_dir, a.runs_dir, fit_args, command=command, data=a.data, model=a.model,
                           stage1_from=a.stage1_from)
@@ -503,6 +542,10 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
 
 def main(argv: list[str]) -> int:
     spec, options = _parse(argv)
+    if options.status:
+        for line in status(spec):
+            print(line)
+        return 0
     if options.carry:
         copied = carry_unfinished(spec)
         for path in copied:
