@@ -173,6 +173,18 @@ def _experiment(*extra: str) -> list[str]:
             "--runs-dir", "rr", *extra]
 
 
+def _status(work: Path, record: str | None = None, carried: str | None = None) -> list[str]:
+    """``experiment --status`` over a results directory whose seed 1 has a damaged stage record or
+    a carried checkpoint (a file path whose bytes are copied)."""
+    seed = _inputs(work) / f"status_{len(list(_inputs(work).iterdir()))}" / "t" / "seed_1"
+    seed.mkdir(parents=True)
+    if record is not None:
+        (seed / "pretrain.json").write_text(record)
+    if carried is not None:
+        (seed / "pretrain_last.ckpt").write_bytes(Path(carried).read_bytes())
+    return _experiment("--seeds", "1", "--status", "--results-dir", str(seed.parent.parent))
+
+
 def cases() -> list[Case]:
     """Every bad input of the probe."""
     c = Case
@@ -297,6 +309,12 @@ def cases() -> list[Case]:
           "has no finished stage 1"),
         c("experiment: --results-dir is a file", "output",
           lambda w: _experiment("--results-dir", _file(w, "results_file", "x")), "is not a directory"),
+        c("experiment --status: damaged stage record", "output", lambda w: _status(w, record="{bad"),
+          "unreadable results file"),
+        c("experiment --status: carried checkpoint is junk", "checkpoint",
+          lambda w: _status(w, carried=_file(w, "junk.ckpt", b"junk")), "not a loadable checkpoint"),
+        c("experiment --status: carried checkpoint runs code", "checkpoint", lambda w: _status(w, carried=_pickle(w)),
+          "not a loadable checkpoint", marker=True),
         c("analyze: --bounds reversed", "parameter",
           lambda w: ["analyze", "partitions", "--checkpoint", "x.ckpt", "--bounds", "6", "3"], "--bounds"),
         c("analyze: --k 1e7", "parameter",

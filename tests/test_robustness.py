@@ -20,7 +20,7 @@ def test_every_bad_input_fails_cleanly(tmp_path: Path) -> None:
     assert not failures, "\n".join(failures)
     figures = summary(outcomes)
     assert figures["tracebacks"] == 0 and figures["left_files_behind"] == 0
-    assert figures["malicious_checkpoint_routes_blocked"] == "3 of 3"
+    assert figures["malicious_checkpoint_routes_blocked"] == "4 of 4"
 
 
 @pytest.mark.parametrize("name", ["pickle payload as ckpt_path", "encoder record naming os.system"])

@@ -20,7 +20,6 @@ both models' metrics, and a t-test over seed means when there are several seeds)
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from raserec.errors import RaserecError
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.summary import TEST_KEYS, across_seeds, all_hardware, paired_tests
 from raserec.outputs import check_output_file
-from raserec.results import hardware, write_results
+from raserec.results import hardware, read_results, write_results
 
 #: Stage columns a comparison can name.
 COLUMNS = ("pretrain", "finetune")
@@ -209,23 +208,13 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RaserecError(f"{path}: unreadable results file ({type(exc).__name__})") from exc
-    if not isinstance(record, dict):
-        raise RaserecError(f"{path}: not a results file (a JSON {type(record).__name__})")
-    return record
-
-
 def _dataset(directory: Path) -> str:
     summary = directory / "summary.json"
-    return str(_json(summary).get("dataset", "")) if summary.is_file() else ""
+    return str(read_results(summary).get("dataset", "")) if summary.is_file() else ""
 
 
 def _trained_on(base: Path, other: Path, seeds: list[int]) -> str:
-    records = [_json(p) for d in (base, other) for s in seeds for stage in COLUMNS
+    records = [read_results(p) for d in (base, other) for s in seeds for stage in COLUMNS
                if (p := d / f"seed_{s}" / f"{stage}.json").is_file()]
     return all_hardware(records) or "unknown"
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import re
 import shlex
@@ -205,13 +204,21 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
     return copied
 
 
+def read_results(path: Path) -> dict:
+    """:func:`raserec.results.read_results`, imported when needed: it pulls in torch and Lightning,
+    which ``raserec experiment --help`` and ``--status`` do not need."""
+    from raserec.results import read_results as read
+
+    return read(path)
+
+
 def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
     """Where one stage of one seed stands, in one line: finished (epochs, test NDCG@10, how the fit
     ended), unfinished with a checkpoint in ``runs/`` or carried in ``results/`` (epochs saved, the
     best validation score so far and early stopping's patience used), or not started."""
     results = spec.stage_results(seed, stage)
     if results.is_file():
-        record = json.loads(results.read_text())
+        record = read_results(results)
         ndcg = (record.get("metrics") or {}).get("test/NDCG@10")
         how = record.get("schedule") or record.get("notes")
         return (f"finished: {record.get('epochs')} epochs, test NDCG@10 {'-' if ndcg is None else f'{ndcg:.4f}'}"
@@ -333,12 +340,12 @@ def ranks_from_checkpoint(spec: ExperimentSpec, seed: int) -> dict[str, np.ndarr
     from raserec.analysis.evaluator import Evaluator, load_raft
     from raserec.evaluation.per_query import metrics_from_ranks
 
-    config = json.loads(spec.stage_results(seed, "finetune").read_text())["config"]
+    config = read_results(spec.stage_results(seed, "finetune"))["config"]
     module, dm = load_raft(spec.checkpoint(seed, "finetune"), cache_dir=config["data"].get("cache_dir"))
     ev = Evaluator(module, dm, progress=sys.stderr.isatty())  # background logs stay readable
     base, tuned = ev.ranks(augmented=False), ev.ranks(augmented=True)
     for stage, ranks in (("pretrain", base), ("finetune", tuned)):
-        logged = json.loads(spec.stage_results(seed, stage).read_text())["metrics"].get("test/NDCG@10")
+        logged = read_results(spec.stage_results(seed, stage))["metrics"].get("test/NDCG@10")
         recomputed = metrics_from_ranks(ranks, (10,))["NDCG@10"]
         if logged is not None and abs(logged - recomputed) > 1e-5:
             log.warning("seed %d, %s: per-query NDCG@10 %.5f != the logged test/NDCG@10 %.5f (was the test pass "
@@ -361,7 +368,7 @@ def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
     ranks = source / "pretrain.ranks_test.npz"  # named by the record's ranks_file, so it travels with it
     if ranks.is_file():
         shutil.copy2(ranks, spec.seed_dir(seed) / ranks.name)
-    record = json.loads((source / "pretrain.json").read_text())
+    record = read_results(source / "pretrain.json")
     record["adopted_from"] = str(source)  # the summary does not count its wall time again
     write_results(spec.stage_results(seed, "pretrain"), record)  # last: it marks stage 1 done
     log.info("seed %d: stage 1 taken from %s", seed, source)
@@ -474,7 +481,7 @@ def _ranks_not_applicable(spec: ExperimentSpec, seed: int) -> bool:
         return False
     from raserec.analysis.evaluator import RAFT_CLASSES
 
-    cls = (json.loads(path.read_text()).get("config") or {}).get("model", {}).get("class_path") or ""
+    cls = (read_results(path).get("config") or {}).get("model", {}).get("class_path") or ""
     return cls.rsplit(".", 1)[-1] not in RAFT_CLASSES
 
 

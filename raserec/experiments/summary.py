@@ -6,7 +6,6 @@ Writes ``results/<name>/summary.json``, ``results/<name>/summary.md`` and the re
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from scipy import stats
 
 from raserec.evaluation.per_query import per_query_metrics
 from raserec.paper import ADA, PAIRS, RASEREC
-from raserec.results import write_results
+from raserec.results import read_results, write_results
 from raserec.results_table import finetune_label, mean_std, relative_gain
 
 KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
@@ -78,7 +77,7 @@ def all_hardware(per_seed: list[dict[str, Any]]) -> str:
 
 
 def _stage(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_results(path) if path.is_file() else {}
 
 
 def _aggregate(per_seed: list[dict[str, Any]], model: str) -> dict[str, float]:
