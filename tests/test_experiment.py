@@ -11,6 +11,7 @@ import torch
 
 from raserec.checkpoint import load_encoder
 from raserec.cli import main
+from raserec.errors import RaserecError
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.compare import Side, available_ranks, compare
 from raserec.experiments.runner import (
@@ -165,23 +166,42 @@ def test_status_says_where_each_seed_stands(tmp_path, capsys, monkeypatch):
     write_results(spec.stage_results(1, "pretrain"), {"epochs": 71, "metrics": {"test/NDCG@10": 0.04694},
                                                       "schedule": "converged: early stopping"})
 
-    def checkpoint(path: Path, epochs: int, wait: int) -> None:
+    def checkpoint(path: Path, epochs: int, wait: int, every: int = 1) -> None:
+        # validation every `every` epochs: early stopping's wait counts validations, not epochs
+        curve = [{"epoch": e, "val/HR@10": 0.1 + 0.001 * min(e, epochs - wait * every)}
+                 for e in range(every, epochs + 1, every)]
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"epoch": epochs - 1, "state_dict": {}, "callbacks": {
             "EarlyStopping{'monitor': 'val/HR@10', 'mode': 'max'}": {
-                "wait_count": wait, "best_score": torch.tensor(0.1157), "patience": 10}}}, path)
+                "wait_count": wait, "best_score": torch.tensor(curve[-1]["val/HR@10"]), "patience": 10},
+            "ResultsWriter": {"curve": curve, "elapsed_s": 1.0}},
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": epochs}}}}}, path)
 
-    checkpoint(spec.checkpoint(2, "pretrain", "last"), 12, 3)
+    checkpoint(spec.checkpoint(2, "pretrain", "last"), 12, 3, every=2)
     checkpoint(spec.carried(3, "pretrain", "last"), 8, 0)
     assert experiment([*argv, "--status"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "x seed 1 pretrain: finished: 71 epochs, test NDCG@10 0.0469 (converged: early stopping)",
         f"x seed 2 pretrain: unfinished: 12 epochs saved in {spec.checkpoint(2, 'pretrain', 'last')}; "
-        "best val/HR@10 0.1157 at epoch 9, 3 of patience 10",
-        f"x seed 3 pretrain: unfinished: 8 epochs saved in {spec.carried(3, 'pretrain', 'last')} (carried); "
-        "best val/HR@10 0.1157 at epoch 8, 0 of patience 10",
+        "best val/HR@10 0.1060 at epoch 6, 3 of patience 10",
+        f"x seed 3 pretrain: unfinished: 8 epochs saved in {spec.carried(3, 'pretrain', 'last')}; "
+        "best val/HR@10 0.1080 at epoch 8, 0 of patience 10 (carried)",
         "x seed 4 pretrain: not started"]
     assert not (tmp_path / "results" / "x.json").exists()  # --status writes nothing
+    # a damaged file is one error line; the other seeds are still listed
+    spec.carried(3, "pretrain", "last").write_bytes(b"junk")
+    with pytest.raises(RaserecError, match="seed 3 pretrain: .*not a loadable checkpoint"):
+        experiment([*argv, "--status"])
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    # a stage 1 that --stage1-from will take
+    two = ["--name", "y", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune", "configs/beauty_raft.yaml",
+           "--stage1-from", "x", "--seeds", "1", "5", "--results-dir", str(tmp_path / "results"),
+           "--runs-dir", str(tmp_path / "runs")]
+    (spec.seed_dir(1) / "encoder.pt").write_bytes(b"")
+    assert experiment([*two, "--status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"y seed 1 pretrain: to be taken from {spec.seed_dir(1)}"
+    assert out[2] == f"y seed 5 pretrain: --stage1-from x has not finished it ({spec.seed_dir(5)})"
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):

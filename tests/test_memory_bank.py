@@ -374,6 +374,17 @@ def test_add_extends_the_bank_without_retraining() -> None:
 
 
 # ----------------------------------------------------------------------------- persistence
+@pytest.mark.parametrize("content, error", [(b"[1, 2]", "not a memory bank manifest"),
+                                            (b"\xff\xfe{", "unreadable memory bank manifest"),
+                                            (b"{", "unreadable memory bank manifest")])
+def test_a_damaged_manifest_is_one_error(tmp_path: Path, content: bytes, error: str) -> None:
+    from raserec.memory.bank import _MANIFEST
+
+    (tmp_path / _MANIFEST).write_bytes(content)
+    with pytest.raises(CheckpointError, match=error):
+        MemoryBank.read_manifest(tmp_path)
+
+
 def test_save_load_round_trip_and_stale_banks(tmp_path: Path) -> None:
     dm = synthetic_dm(synthetic_data(num_users=600))
     enc_a, enc_b = tiny_encoder(dm.num_items, seed=0), tiny_encoder(dm.num_items, seed=1)

@@ -57,7 +57,9 @@ def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, en
 
     done = work_dir / "done.json"
     if done.is_file():
-        best = json.loads(done.read_text()).get("best", "")
+        from raserec.results import read_results
+
+        best = str(read_results(done).get("best", ""))
         if Path(best).is_file():
             log.info("%s: finished earlier, using %s", work_dir, best)
             return best

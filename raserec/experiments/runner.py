@@ -205,8 +205,8 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
 
 
 def read_results(path: Path) -> dict:
-    """:func:`raserec.results.read_results`, imported when needed: it pulls in torch and Lightning,
-    which ``raserec experiment --help`` and ``--status`` do not need."""
+    """:func:`raserec.results.read_results`, imported when needed (it pulls in torch and
+    Lightning, which ``raserec experiment --help`` does not need)."""
     from raserec.results import read_results as read
 
     return read(path)
@@ -215,36 +215,73 @@ def read_results(path: Path) -> dict:
 def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
     """Where one stage of one seed stands, in one line: finished (epochs, test NDCG@10, how the fit
     ended), unfinished with a checkpoint in ``runs/`` or carried in ``results/`` (epochs saved, the
-    best validation score so far and early stopping's patience used), or not started."""
+    best validation score so far and early stopping's patience used), to be taken from another
+    experiment (``--stage1-from``), or not started. A file it cannot read is a
+    :class:`RaserecError`."""
     results = spec.stage_results(seed, stage)
     if results.is_file():
         record = read_results(results)
-        ndcg = (record.get("metrics") or {}).get("test/NDCG@10")
+        metrics = record.get("metrics")
+        ndcg = metrics.get("test/NDCG@10") if isinstance(metrics, dict) else None
         how = record.get("schedule") or record.get("notes")
-        return (f"finished: {record.get('epochs')} epochs, test NDCG@10 {'-' if ndcg is None else f'{ndcg:.4f}'}"
+        line = (f"finished: {record.get('epochs', '?')} epochs, test NDCG@10 "
+                + (f"{ndcg:.4f}" if isinstance(ndcg, (int, float)) else "-")
                 + (f", stage 1 of {record['adopted_from']}" if record.get("adopted_from") else "")
                 + (f" ({how})" if how else ""))
+        if stage == "finetune" and not spec.ranks_file(seed).is_file() and not _ranks_not_applicable(spec, seed):
+            line += "; per-query ranks not combined yet (the same command does it)"
+        return line
     for path, carried in ((spec.checkpoint(seed, stage, "last"), False), (spec.carried(seed, stage, "last"), True)):
         if path.is_file():
-            from raserec.checkpoint import load_checkpoint_dict
-
-            ckpt = load_checkpoint_dict(path)
-            done = int(ckpt.get("epoch", -1)) + 1
-            line = f"unfinished: {done} epochs saved in {path}" + (" (carried)" if carried else "")
-            for key, es in (ckpt.get("callbacks") or {}).items():
-                monitor = re.search(r"'monitor': '([^']+)'", key)
-                if key.startswith("EarlyStopping") and monitor and es.get("best_score") is not None:
-                    wait = int(es["wait_count"])
-                    line += (f"; best {monitor.group(1)} {float(es['best_score']):.4f} at epoch {done - wait}, "
-                             f"{wait} of patience {int(es['patience'])}")
-            return line
+            return f"unfinished: {_checkpoint_progress(path)}" + (" (carried)" if carried else "")
+    if stage == "pretrain" and spec.stage1_from is not None:
+        source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
+        there = (source / "pretrain.json").is_file() and (source / "encoder.pt").is_file()
+        return f"to be taken from {source}" if there else f"--stage1-from {spec.stage1_from} has not finished it ({source})"
     return "not started"
 
 
-def status(spec: ExperimentSpec) -> list[str]:
-    """:func:`stage_status` of every seed and stage (``--status``)."""
-    return [f"{spec.name} seed {seed} {stage}: {stage_status(spec, seed, stage)}"
-            for seed in spec.seeds for stage in spec.stages]
+def _checkpoint_progress(path: Path) -> str:
+    """Epochs saved in a checkpoint and, from its own records, the best validation score so far
+    and early stopping's patience used (read without running any code of the file)."""
+    from raserec.checkpoint import load_checkpoint_dict
+
+    ckpt = load_checkpoint_dict(path)
+    try:
+        # epochs processed, also for a checkpoint saved within an epoch (its `epoch` is that epoch)
+        done = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        epoch = ckpt.get("epoch")
+        done = epoch + 1 if isinstance(epoch, int) else None
+    line = f"{'?' if done is None else done} epochs saved in {path}"
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), dict) else {}
+    for key, es in callbacks.items():
+        monitor = re.search(r"'monitor': '([^']+)'", key)
+        if not (key.startswith("EarlyStopping") and monitor and isinstance(es, dict)):
+            continue
+        name, mode = monitor.group(1), "min" if "'mode': 'min'" in key else "max"
+        curve = (callbacks.get("ResultsWriter") or {}).get("curve") if isinstance(callbacks.get("ResultsWriter"), dict) \
+            else None
+        scored = [c for c in curve or [] if isinstance(c, dict) and isinstance(c.get(name), (int, float))]
+        if scored:  # the first best, as early stopping counts (validation may not run every epoch)
+            best = (max if mode == "max" else min)(scored, key=lambda c: c[name])
+            line += f"; best {name} {best[name]:.4f} at epoch {best.get('epoch', '?')}"
+        if isinstance(es.get("wait_count"), int) and isinstance(es.get("patience"), int):
+            line += f"{',' if scored else ';'} {es['wait_count']} of patience {es['patience']}"
+    return line
+
+
+def status(spec: ExperimentSpec) -> tuple[list[str], list[str]]:
+    """:func:`stage_status` of every seed and stage (``--status``), and the errors of the files
+    it could not read (each stage apart: one damaged file does not hide the others)."""
+    lines, errors = [], []
+    for seed in spec.seeds:
+        for stage in spec.stages:
+            try:
+                lines.append(f"{spec.name} seed {seed} {stage}: {stage_status(spec, seed, stage)}")
+            except RaserecError as exc:
+                errors.append(f"{spec.name} seed {seed} {stage}: {exc}")
+    return lines, errors
 
 
 def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
@@ -516,10 +553,11 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
     p.add_argument("--stage1-from", metavar="NAME",
                    help="take each seed's stage 1 from experiment NAME (results/NAME/seed_<s>/pretrain.json and "
                         "encoder.pt) instead of training it: a new stage 2 on the same encoders")
-    p.add_argument("--carry", action="store_true",
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--carry", action="store_true",
                    help="run nothing: copy the unfinished stages' last/best checkpoints from runs/ to "
                         "results/<name>/seed_<s>/<stage>_{last,best}.ckpt (commit them; the same command resumes there)")
-    p.add_argument("--status", action="store_true",
+    only.add_argument("--status", action="store_true",
                    help="run nothing: say where each seed's stages stand (finished, epochs saved and best "
                         "validation score so far, carried, not started)")
     p.add_argument("--fit-args", default="", help="extra `raserec fit` arguments for both stages, one quoted string: --fit-args=\"--trainer.max_epochs 3\"")
@@ -550,8 +588,11 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
 def main(argv: list[str]) -> int:
     spec, options = _parse(argv)
     if options.status:
-        for line in status(spec):
+        lines, errors = status(spec)
+        for line in lines:
             print(line)
+        if errors:  # the CLI prints it as the one error line
+            raise RaserecError("; ".join(errors))
         return 0
     if options.carry:
         copied = carry_unfinished(spec)

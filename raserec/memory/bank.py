@@ -534,8 +534,10 @@ class MemoryBank:
             raise CheckpointError(f"{directory}: no memory bank here (missing {_MANIFEST})")
         try:
             manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: unreadable memory bank manifest ({exc})") from exc
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{path}: not a memory bank manifest (a JSON {type(manifest).__name__})")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: memory bank format {manifest.get('format_version')} != {FORMAT_VERSION}")
         return manifest
