@@ -1,5 +1,11 @@
 """Exceptions that the CLI turns into a one-line message and a non-zero exit code."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
 
 class RaserecError(Exception):
     """Base class for user-facing errors (bad input, stale caches, wrong checkpoints)."""
@@ -38,3 +44,17 @@ def check_sizes(**sizes: int) -> None:
     """Every named size (hidden size, layers, heads, max_len, ...) is a positive integer."""
     for name, value in sizes.items():
         check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+
+
+def read_json_object(path: str | Path, what: str = "results file",
+                     error: type[RaserecError] = RaserecError) -> dict[str, Any]:
+    """A JSON file that must hold an object (a results file, a manifest): a damaged, foreign or
+    non-UTF-8 file is one ``error`` naming ``path`` and ``what``, not a traceback of the parser."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable {what} ({type(exc).__name__})") from exc
+    if not isinstance(record, dict):
+        raise error(f"{path}: not a {what} (a JSON {type(record).__name__})")
+    return record

@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
-from raserec.errors import RaserecError
 from raserec.outputs import check_output_file
 
 
@@ -78,19 +77,6 @@ def schedule(trainer: L.Trainer, first_epoch: int = 0) -> str:
         return f"capped at max_epochs {trainer.max_epochs}: not converged" + (
             "" if es is not None else " (no early stopping)")
     return f"fit ended after {epochs} epochs: not converged"
-
-
-def read_results(path: str | Path) -> dict[str, Any]:
-    """A results file (or summary) as a dict; a damaged or foreign file is one error line, not a
-    traceback from the JSON parser."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RaserecError(f"{path}: unreadable results file ({type(exc).__name__})") from exc
-    if not isinstance(record, dict):
-        raise RaserecError(f"{path}: not a results file (a JSON {type(record).__name__})")
-    return record
 
 
 def write_results(path: str | Path, record: dict[str, Any]) -> Path:

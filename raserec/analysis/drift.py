@@ -23,7 +23,7 @@ from raserec.analysis.common import METRICS, bar_line
 from raserec.analysis.evaluator import Evaluator, load_raft
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData
-from raserec.errors import RaserecError
+from raserec.errors import RaserecError, read_json_object
 from raserec.evaluation.metrics import relative_change_pct
 from raserec.evaluation.per_query import metrics_from_ranks
 
@@ -57,9 +57,7 @@ def fit_stage(config_args: Sequence[str], data: SequenceData, work_dir: Path, en
 
     done = work_dir / "done.json"
     if done.is_file():
-        from raserec.results import read_results
-
-        best = str(read_results(done).get("best", ""))
+        best = str(read_json_object(done, "drift record").get("best", ""))
         if Path(best).is_file():
             log.info("%s: finished earlier, using %s", work_dir, best)
             return best

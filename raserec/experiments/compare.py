@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from raserec.argparsing import ArgumentParser
-from raserec.errors import RaserecError
+from raserec.errors import RaserecError, read_json_object
 from raserec.evaluation.per_query import metrics_from_ranks
 from raserec.experiments.summary import TEST_KEYS, across_seeds, all_hardware, paired_tests
 from raserec.outputs import check_output_file
-from raserec.results import hardware, read_results, write_results
+from raserec.results import hardware, write_results
 
 #: Stage columns a comparison can name.
 COLUMNS = ("pretrain", "finetune")
@@ -210,11 +210,11 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def _dataset(directory: Path) -> str:
     summary = directory / "summary.json"
-    return str(read_results(summary).get("dataset", "")) if summary.is_file() else ""
+    return str(read_json_object(summary).get("dataset", "")) if summary.is_file() else ""
 
 
 def _trained_on(base: Path, other: Path, seeds: list[int]) -> str:
-    records = [read_results(p) for d in (base, other) for s in seeds for stage in COLUMNS
+    records = [read_json_object(p) for d in (base, other) for s in seeds for stage in COLUMNS
                if (p := d / f"seed_{s}" / f"{stage}.json").is_file()]
     return all_hardware(records) or "unknown"
 

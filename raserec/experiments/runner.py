@@ -42,7 +42,7 @@ import numpy as np
 
 from raserec.argparsing import ArgumentParser
 from raserec.cli import check_config_file, check_run_name
-from raserec.errors import RaserecError
+from raserec.errors import RaserecError, read_json_object
 from raserec.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -204,14 +204,6 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
     return copied
 
 
-def read_results(path: Path) -> dict:
-    """:func:`raserec.results.read_results`, imported when needed (it pulls in torch and
-    Lightning, which ``raserec experiment --help`` does not need)."""
-    from raserec.results import read_results as read
-
-    return read(path)
-
-
 def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
     """Where one stage of one seed stands, in one line: finished (epochs, test NDCG@10, how the fit
     ended), unfinished with a checkpoint in ``runs/`` or carried in ``results/`` (epochs saved, the
@@ -220,7 +212,7 @@ def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
     :class:`RaserecError`."""
     results = spec.stage_results(seed, stage)
     if results.is_file():
-        record = read_results(results)
+        record = read_json_object(results)
         metrics = record.get("metrics")
         ndcg = metrics.get("test/NDCG@10") if isinstance(metrics, dict) else None
         how = record.get("schedule") or record.get("notes")
@@ -377,12 +369,12 @@ def ranks_from_checkpoint(spec: ExperimentSpec, seed: int) -> dict[str, np.ndarr
     from raserec.analysis.evaluator import Evaluator, load_raft
     from raserec.evaluation.per_query import metrics_from_ranks
 
-    config = read_results(spec.stage_results(seed, "finetune"))["config"]
+    config = read_json_object(spec.stage_results(seed, "finetune"))["config"]
     module, dm = load_raft(spec.checkpoint(seed, "finetune"), cache_dir=config["data"].get("cache_dir"))
     ev = Evaluator(module, dm, progress=sys.stderr.isatty())  # background logs stay readable
     base, tuned = ev.ranks(augmented=False), ev.ranks(augmented=True)
     for stage, ranks in (("pretrain", base), ("finetune", tuned)):
-        logged = read_results(spec.stage_results(seed, stage))["metrics"].get("test/NDCG@10")
+        logged = read_json_object(spec.stage_results(seed, stage))["metrics"].get("test/NDCG@10")
         recomputed = metrics_from_ranks(ranks, (10,))["NDCG@10"]
         if logged is not None and abs(logged - recomputed) > 1e-5:
             log.warning("seed %d, %s: per-query NDCG@10 %.5f != the logged test/NDCG@10 %.5f (was the test pass "
@@ -405,7 +397,7 @@ def adopt_stage1(spec: ExperimentSpec, seed: int) -> bool:
     ranks = source / "pretrain.ranks_test.npz"  # named by the record's ranks_file, so it travels with it
     if ranks.is_file():
         shutil.copy2(ranks, spec.seed_dir(seed) / ranks.name)
-    record = read_results(source / "pretrain.json")
+    record = read_json_object(source / "pretrain.json")
     record["adopted_from"] = str(source)  # the summary does not count its wall time again
     write_results(spec.stage_results(seed, "pretrain"), record)  # last: it marks stage 1 done
     log.info("seed %d: stage 1 taken from %s", seed, source)
@@ -518,7 +510,7 @@ def _ranks_not_applicable(spec: ExperimentSpec, seed: int) -> bool:
         return False
     from raserec.analysis.evaluator import RAFT_CLASSES
 
-    cls = (read_results(path).get("config") or {}).get("model", {}).get("class_path") or ""
+    cls = (read_json_object(path).get("config") or {}).get("model", {}).get("class_path") or ""
     return cls.rsplit(".", 1)[-1] not in RAFT_CLASSES
 
 

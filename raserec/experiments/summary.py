@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from raserec.errors import read_json_object
 from raserec.evaluation.per_query import per_query_metrics
 from raserec.paper import ADA, PAIRS, RASEREC
-from raserec.results import read_results, write_results
+from raserec.results import write_results
 from raserec.results_table import finetune_label, mean_std, relative_gain
 
 KEYS = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
@@ -77,7 +78,7 @@ def all_hardware(per_seed: list[dict[str, Any]]) -> str:
 
 
 def _stage(path: Path) -> dict[str, Any]:
-    return read_results(path) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _aggregate(per_seed: list[dict[str, Any]], model: str) -> dict[str, float]:

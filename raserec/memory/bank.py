@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from raserec.checkpoint import state_fingerprint
 from raserec.data.batch import PairDataset
-from raserec.errors import CheckpointError, ConfigError
+from raserec.errors import CheckpointError, ConfigError, read_json_object
 from raserec.memory.faiss_import import faiss
 from raserec.models.encoders.base import SequenceEncoder
 
@@ -532,12 +532,7 @@ class MemoryBank:
         path = Path(directory) / _MANIFEST
         if not path.is_file():
             raise CheckpointError(f"{directory}: no memory bank here (missing {_MANIFEST})")
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: unreadable memory bank manifest ({exc})") from exc
-        if not isinstance(manifest, dict):
-            raise CheckpointError(f"{path}: not a memory bank manifest (a JSON {type(manifest).__name__})")
+        manifest = read_json_object(path, "memory bank manifest", CheckpointError)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: memory bank format {manifest.get('format_version')} != {FORMAT_VERSION}")
         return manifest
