@@ -119,6 +119,7 @@ class ResultsWriter(L.Callback):
         # Which machine ran which epochs: a run resumed elsewhere (a carried checkpoint) records
         # every machine, not only the one that happened to finish it.
         self._segments: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, applied once fitting resumes
 
     # on_validation_end runs after the module's epoch-end hook has logged this epoch's metrics.
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -156,7 +157,7 @@ class ResultsWriter(L.Callback):
 
     def _resume(self, done: int) -> int:
         """Apply a checkpoint's state (if this fit resumed one); returns the epochs it recorded."""
-        state = getattr(self, "_pending", None)
+        state = self._pending
         if state is None:
             return done
         self._pending = None
@@ -175,7 +176,7 @@ class ResultsWriter(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed fit that had nothing left to train never reached on_train_start: its record
         # is still the checkpoint's (and so is how it ended: an early stop restored with it counts).
-        if getattr(self, "_pending", None) is not None:
+        if self._pending is not None:
             self._resume(trainer.current_epoch)
         self._fit_time = time.perf_counter() - self._start
         self._schedule = schedule(trainer, self._first_epoch)

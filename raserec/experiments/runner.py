@@ -227,9 +227,9 @@ def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
         if path.is_file():
             return f"unfinished: {_checkpoint_progress(path)}" + (" (carried)" if carried else "")
     if stage == "pretrain" and spec.stage1_from is not None:
-        source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
-        there = (source / "pretrain.json").is_file() and (source / "encoder.pt").is_file()
-        return f"to be taken from {source}" if there else f"--stage1-from {spec.stage1_from} has not finished it ({source})"
+        source, missing = _stage1_files(spec, seed)
+        return f"--stage1-from {spec.stage1_from} has not finished it ({source})" if missing \
+            else f"to be taken from {source}"
     return "not started"
 
 
@@ -247,13 +247,13 @@ def _checkpoint_progress(path: Path) -> str:
         done = epoch + 1 if isinstance(epoch, int) else None
     line = f"{'?' if done is None else done} epochs saved in {path}"
     callbacks = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), dict) else {}
+    writer = callbacks.get("ResultsWriter")
+    curve = writer.get("curve") if isinstance(writer, dict) else None
     for key, es in callbacks.items():
         monitor = re.search(r"'monitor': '([^']+)'", key)
         if not (key.startswith("EarlyStopping") and monitor and isinstance(es, dict)):
             continue
         name, mode = monitor.group(1), "min" if "'mode': 'min'" in key else "max"
-        curve = (callbacks.get("ResultsWriter") or {}).get("curve") if isinstance(callbacks.get("ResultsWriter"), dict) \
-            else None
         scored = [c for c in curve or [] if isinstance(c, dict) and isinstance(c.get(name), (int, float))]
         if scored:  # the first best, as early stopping counts (validation may not run every epoch)
             best = (max if mode == "max" else min)(scored, key=lambda c: c[name])
@@ -409,12 +409,17 @@ def stage1_source(spec: ExperimentSpec, seed: int) -> Path | None:
     error line if that experiment has not finished it."""
     if spec.stage1_from is None or spec.stage_results(seed, "pretrain").is_file():
         return None
-    source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
-    missing = [name for name in ("pretrain.json", "encoder.pt") if not (source / name).is_file()]
+    source, missing = _stage1_files(spec, seed)
     if missing:
         raise RaserecError(f"--stage1-from {spec.stage1_from}: seed {seed} has no finished stage 1 there "
                            f"(missing {', '.join(str(source / m) for m in missing)})")
     return source
+
+
+def _stage1_files(spec: ExperimentSpec, seed: int) -> tuple[Path, list[str]]:
+    """The ``--stage1-from`` seed directory of ``seed`` and the stage-1 files missing there."""
+    source = spec.results_dir / spec.stage1_from / f"seed_{seed}"
+    return source, [name for name in ("pretrain.json", "encoder.pt") if not (source / name).is_file()]
 
 
 def check_stage_commands(spec: ExperimentSpec) -> None:
