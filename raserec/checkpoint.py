@@ -58,7 +58,9 @@ def encoder_record(encoder: SequenceEncoder, data_fingerprint: dict[str, Any] | 
     if missing:
         raise CheckpointError(f"{encoder.class_path} did not record its constructor argument(s) {missing}: call "
                               "self.record_init_args(locals()) in its __init__")
-    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    # No copy: on the CPU the record shares storage with the module's own state_dict, so a Lightning
+    # checkpoint that holds both (the record beside ``state_dict``) stores the encoder weights once.
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     return {
         "format_version": FORMAT_VERSION,
         "class_path": encoder.class_path,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ experiments:
              a paired significance test and a comparison with the paper (resumable)
   compare    paired significance tests between two experiments on the same test queries, seed
              by seed (e.g. a method against SASRec, or two RaSeRec variants)
+  plan       the reproduction queue: what each planned experiment has finished, and --run,
+             --status or --carry over them (raserec/experiments/plan.py)
 
   analyze    the paper's analyses of a trained model, each writing CSV + PNG: long_tail,
              user_activity, partitions, noise, sensitivity, and drift (beyond the paper)
@@ -224,6 +227,46 @@ def _raserec_cause(exc: BaseException) -> RaserecError | None:
     return None
 
 
+def _stdout_to_devnull() -> None:
+    """After a closed pipe: what is still buffered goes nowhere at exit, instead of a second error."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _dispatch(command: str, argv: list[str], rest: list[str]) -> int | None:
+    """Run one command; ``None`` for an unknown one."""
+    if command == "prepare":
+        from raserec.data.prepare import prepare_main
+
+        return prepare_main(rest)
+    if command == "stats":
+        from raserec.data.prepare import stats_main
+
+        return stats_main(rest)
+    if command == "analyze":
+        from raserec.analysis.cli import main as analyze_main
+
+        return analyze_main(rest)
+    if command == "embed":
+        from raserec.semantic.cli import main as embed_main
+
+        return embed_main(rest)
+    if command == "experiment":
+        from raserec.experiments.runner import main as experiment_main
+
+        return experiment_main(rest)
+    if command == "compare":
+        from raserec.experiments.compare import main as compare_main
+
+        return compare_main(rest)
+    if command == "plan":
+        from raserec.experiments.plan import main as plan_main
+
+        return plan_main(rest)
+    if command in ("fit", "validate", "test", "predict"):
+        return _lightning_main(argv)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Our own loggers only: Lightning configures its own, and a root handler would double them.
@@ -235,44 +278,25 @@ def main(argv: list[str] | None = None) -> int:
         pkg_log.setLevel(logging.INFO)
     if not argv or argv[0] in ("-h", "--help", "help"):
         try:
-            print(_HELP)
+            print(_HELP, flush=True)
         except BrokenPipeError:  # e.g. `raserec --help | head`
-            pass
+            _stdout_to_devnull()
         return 0
     command, rest = argv[0], argv[1:]
     from raserec.runtime import tune_allocator
 
     tune_allocator()
     try:
-        if command == "prepare":
-            from raserec.data.prepare import prepare_main
-
-            return prepare_main(rest)
-        if command == "stats":
-            from raserec.data.prepare import stats_main
-
-            return stats_main(rest)
-        if command == "analyze":
-            from raserec.analysis.cli import main as analyze_main
-
-            return analyze_main(rest)
-        if command == "embed":
-            from raserec.semantic.cli import main as embed_main
-
-            return embed_main(rest)
-        if command == "experiment":
-            from raserec.experiments.runner import main as experiment_main
-
-            return experiment_main(rest)
-        if command == "compare":
-            from raserec.experiments.compare import main as compare_main
-
-            return compare_main(rest)
-        if command in ("fit", "validate", "test", "predict"):
-            return _lightning_main(argv)
+        code = _dispatch(command, argv, rest)
+        if code is not None:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+            return code
     except RaserecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`raserec plan | head`): end quietly, as `cat` does
+        _stdout_to_devnull()
+        return 0
     except ValueError as exc:
         # jsonargparse wraps errors raised while instantiating classes; surface ours cleanly.
         cause = _raserec_cause(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,11 +102,18 @@ def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, m
                           results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
     assert experiment([*argv, "--carry"]) == 0 and "nothing to carry" in capsys.readouterr().out
     # seed 1: stage 1 finished (results file), stage 2 interrupted; seed 2: stage 1 interrupted
+    def checkpoint(seed: int, stage: str, which: str) -> dict:
+        weights = {"w": torch.full((64, 64), float(seed))}
+        return {"epoch": 3, "tag": f"{seed}-{stage}-{which}", "state_dict": weights,
+                "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(64, 64), "exp_avg_sq": torch.ones(64, 64)}}}],
+                "lr_schedulers": [], "callbacks": {"ResultsWriter": {"curve": [{"epoch": 3}]}},
+                "raserec_encoder": {"state_dict": {k: v.clone() for k, v in weights.items()}}}
+
     for seed, stage in ((1, "pretrain"), (1, "finetune"), (2, "pretrain")):
         for which in ("last", "best"):
             path = spec.checkpoint(seed, stage, which)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(f"{seed}-{stage}-{which}".encode())
+            torch.save(checkpoint(seed, stage, which), path)
     spec.stage_results(1, "pretrain").parent.mkdir(parents=True, exist_ok=True)
     spec.stage_results(1, "pretrain").write_text("{}")
     assert experiment([*argv, "--carry"]) == 0
@@ -113,12 +121,23 @@ def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, m
     assert [str(p) for p in carried] == ["x/seed_1/finetune_best.ckpt", "x/seed_1/finetune_last.ckpt",
                                          "x/seed_2/pretrain_best.ckpt", "x/seed_2/pretrain_last.ckpt"]
     assert "carried" in capsys.readouterr().out
+    # carried slim: `last` keeps all a resumed fit restores but not the encoder record (a second copy of
+    # the weights, written again at the next save); `best` (only ever tested) leaves its optimizer state
+    last = torch.load(spec.carried(2, "pretrain", "last"), weights_only=True)
+    best = torch.load(spec.carried(2, "pretrain", "best"), weights_only=True)
+    full = checkpoint(2, "pretrain", "last")
+    assert set(last) == set(full) - {"raserec_encoder"} and last["tag"] == "2-pretrain-last"
+    assert set(best) == set(full) - {"optimizer_states", "lr_schedulers"} and best["tag"] == "2-pretrain-best"
+    assert torch.equal(last["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(64, 64))
+    assert torch.equal(best["raserec_encoder"]["state_dict"]["w"], torch.full((64, 64), 2.0))
+    for which, share in (("last", 0.8), ("best", 0.6)):  # of the full copy's 4 weight-sized tensors: 3 and 2 left
+        assert spec.carried(2, "pretrain", which).stat().st_size < share * spec.checkpoint(2, "pretrain", which).stat().st_size
     # on a fresh machine (no runs/), the same command restores them and resumes
     import shutil
 
     shutil.rmtree(tmp_path / "runs")
     assert restore_carried(spec, 2, "pretrain")
-    assert spec.checkpoint(2, "pretrain", "last").read_bytes() == b"2-pretrain-last"
+    assert torch.load(spec.checkpoint(2, "pretrain", "last"), weights_only=True)["tag"] == "2-pretrain-last"
     args = stage_command(spec, 2, "pretrain")
     assert args[args.index("--ckpt_path") + 1] == str(spec.checkpoint(2, "pretrain", "last"))
 
@@ -134,7 +153,7 @@ def test_finished_seeds_are_summarized_before_the_experiment_ends(tmp_path, caps
     argv = ["--name", "x", "--pretrain", "configs/beauty_sasrec.yaml", "--seeds", "1", "2",
             "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
 
-    def stage(spec, seed, stage):  # seed 1 finishes, seed 2 is cut off
+    def stage(spec, seed, stage, lock_fd=None):  # seed 1 finishes, seed 2 is cut off
         if seed == 2:
             raise RaserecError("x: seed 2, stage pretrain failed (exit -9)")
         write_results(spec.stage_results(seed, stage), {
@@ -202,6 +221,47 @@ def test_status_says_where_each_seed_stands(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"y seed 1 pretrain: to be taken from {spec.seed_dir(1)}"
     assert out[2] == f"y seed 5 pretrain: --stage1-from x has not finished it ({spec.seed_dir(5)})"
+
+
+def test_one_run_per_experiment(tmp_path, capsys, monkeypatch):
+    """A second run, a carry and a status of an experiment that is running: refused with one line
+    naming the holder (nothing created), refused, and told; the lock outlives the runner in its
+    `raserec fit` children (inherited descriptor) and goes with the last of them."""
+    import subprocess
+    import sys
+
+    from raserec.experiments.lock import hold, lock_path, running
+    from raserec.experiments.runner import main as experiment
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    argv = ["--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--seeds", "1",
+            "--results-dir", str(results), "--runs-dir", str(runs)]
+    assert running(runs, "x") is None and not runs.exists()  # read-only: creates nothing
+    ckpt = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), None, [1], results_dir=results,
+                          runs_dir=runs).checkpoint(1, "pretrain", "last")
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"epoch": 2, "state_dict": {}}, ckpt)
+    with hold(runs, "x") as fd:
+        assert running(runs, "x") == os.getpid()
+        with pytest.raises(RaserecError, match=rf"x: cannot run: the experiment is running now \(pid {os.getpid()}"):
+            experiment(argv)
+        assert not results.exists()  # refused before the results directory was made
+        with pytest.raises(RaserecError, match="x: cannot carry: the experiment is running now"):
+            experiment([*argv, "--carry"])
+        assert not results.exists()
+        assert experiment([*argv, "--status"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"x: running now (pid {os.getpid()})"
+        # a child given the descriptor keeps the lock after this process lets go of it
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(fd,))
+    try:
+        assert running(runs, "x") == os.getpid()  # still held, by the child
+    finally:
+        child.kill()
+        child.wait()
+    assert running(runs, "x") is None and lock_path(runs, "x").is_file()  # released; the file is harmless
+    assert experiment([*argv, "--carry"]) == 0  # not running any more: carried
+    assert "carried" in capsys.readouterr().out
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
@@ -385,6 +445,78 @@ def test_reproduction_queue_reads_done_and_carried_seeds(tmp_path):
                        "configs/beauty_sasrec.yaml --seeds 2024 2025 2026` |")
     assert rows[1] == "| beauty_b | 2024 / 1 |  | 1.0 | done |"
     assert rows[2].startswith("| beauty_c | none / 3 |  |  | `raserec experiment --name beauty_c")
+
+
+def test_plan_lists_and_acts_on_the_queue_in_plan_order(tmp_path, capsys, monkeypatch):
+    from raserec.experiments import runner
+    from raserec.experiments.lock import hold
+    from raserec.experiments.plan import Planned
+    from raserec.experiments.plan import main as plan_main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    plan = (Planned("a", "--pretrain configs/beauty_sasrec.yaml"),
+            Planned("b", "--pretrain configs/beauty_grasp.yaml", (2024,)),
+            Planned("c", "--pretrain configs/beauty_sracl.yaml"),
+            Planned("d", "--pretrain configs/beauty_pretrain.yaml --finetune configs/beauty_raft.yaml "
+                         "--stage1-from a"))
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    dirs = ["--results-dir", str(results), "--runs-dir", str(runs)]
+    (results / "a" / "seed_2025").mkdir(parents=True)
+    (results / "a" / "summary.json").write_text(json.dumps({"seeds": [2024], "wall_time_s": 7200.0}))
+    (results / "a" / "seed_2025" / "pretrain_last.ckpt").write_bytes(b"")
+    (results / "b").mkdir()
+    (results / "b" / "summary.json").write_text(json.dumps({"seeds": [2024], "wall_time_s": 3600.0}))
+    with hold(runs, "c"):
+        assert plan_main(dirs, plan) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == ["a: seeds done 2024 / 3; carried 2025",
+                       "  raserec experiment --name a --pretrain configs/beauty_sasrec.yaml --seeds 2024 2025 2026",
+                       "b: seeds done 2024 / 1", "  done"]
+    assert out[4] == f"c: seeds done none / 3; running now (pid {os.getpid()})"
+    # actions go to `raserec experiment`, in plan order whatever order the names are given in
+    calls = []
+
+    def fake(argv):
+        calls.append(argv)
+        if argv[1] == "c" and "--status" not in argv:
+            raise RaserecError("c: seed 2024, stage pretrain failed")
+        if argv[1] == "a" and "--status" in argv:
+            raise RaserecError("a seed 2025 pretrain: not a loadable checkpoint")
+        return 0
+
+    monkeypatch.setattr(runner, "main", fake)
+    with pytest.raises(RaserecError, match=r"^c: seed 2024, stage pretrain failed; not run: d$"):
+        plan_main(["--run", "d", "c", "a", *dirs], plan)
+    assert [c[1] for c in calls] == ["a", "c"]  # stopped at the first failure
+    assert calls[0] == ["--name", "a", "--pretrain", "configs/beauty_sasrec.yaml", "--seeds", "2024", "2025",
+                        "2026", *dirs]
+    calls.clear()
+    with pytest.raises(RaserecError, match="^a seed 2025 pretrain: not a loadable checkpoint$"):
+        plan_main(["--status", *dirs], plan)  # default: the unfinished ones, each asked despite a failure
+    assert [(c[1], c[-1]) for c in calls] == [("a", "--status"), ("c", "--status"), ("d", "--status")]
+    calls.clear()
+    assert plan_main(["--carry", "b", *dirs], plan) == 0 and calls[0][-1] == "--carry"
+    for bad, why in ((["nope", *dirs], "not a planned experiment: nope"),
+                     (["--run", "--carry", *dirs], "not allowed with argument")):
+        with pytest.raises(RaserecError, match=why):
+            plan_main(bad, plan)
+
+
+@pytest.mark.parametrize("argv", [["stats", "BEAUTY"], ["plan"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    """`raserec plan | head`: the reader is gone before anything is written; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import BEAUTY, require
+
+    argv = [str(require(BEAUTY)) if a == "BEAUTY" else a for a in argv]
+    script = f"import sys; from raserec.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # long before the child has imported anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
 
 
 def test_schedule_notes_list_every_stage_1_and_only_differing_later_schedules():

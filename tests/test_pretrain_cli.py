@@ -542,3 +542,41 @@ def test_a_ddp_fit_logs_each_epoch_once(beauty_slice: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "raserec.epoch_log" in line]
     assert [line.split(":")[1].strip().split()[1] for line in lines] == ["1/2", "2/2"], lines
+
+
+def test_a_checkpoint_stores_the_encoder_once_and_carries_slim(debug_run: Path, tmp_path: Path) -> None:
+    """The encoder record beside ``state_dict`` shares its storage (the weights are written once),
+    and the slim copies ``raserec experiment --carry`` commits still test and resume exactly."""
+    from raserec.experiments.runner import CARRY_DROPS, slim_copy
+
+    best = debug_run / "run" / "best.ckpt"
+    blob = torch.load(best, weights_only=True)
+    record = blob["raserec_encoder"]["state_dict"]
+    table = blob["state_dict"]["encoder.item_embedding.weight"]
+    assert record["item_embedding.weight"].untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    nbytes = sum(t.numel() * t.element_size() for t in blob["state_dict"].values())
+    assert best.stat().st_size < 3.3 * nbytes  # weights + Adam's two moments + small state (was 4 copies)
+    slim = slim_copy(best, tmp_path / "best.ckpt", CARRY_DROPS["best"])
+    assert slim.stat().st_size < 1.2 * nbytes
+    base = ["test", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+            *_overrides(tmp_path)]
+    metrics = []
+    for ckpt in (best, slim):
+        out = tmp_path / f"{ckpt.parent.name}.json"
+        assert main([*base, "--ckpt_path", str(ckpt), "--results.path", str(out)]) == 0
+        metrics.append(json.loads(out.read_text())["metrics"])
+    assert metrics[0] == metrics[1] and metrics[0]["test/HR@50"] > 0
+
+
+def test_resume_from_a_slim_carried_checkpoint_reaches_the_same_weights(tmp_path: Path) -> None:
+    from raserec.experiments.runner import CARRY_DROPS, slim_copy
+
+    full, _ = _short_fit(3, 2)
+    _short_fit(3, 1, ckpt_dir=tmp_path)
+    slim = slim_copy(tmp_path / "last.ckpt", tmp_path / "carried" / "last.ckpt", CARRY_DROPS["last"])
+    assert "raserec_encoder" not in torch.load(slim, weights_only=True)
+    resumed, _ = _short_fit(3, 2, ckpt_dir=tmp_path / "again", resume=str(slim))
+    for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    # the resumed fit's own checkpoints hold the record again
+    assert "raserec_encoder" in torch.load(tmp_path / "again" / "last.ckpt", weights_only=True)

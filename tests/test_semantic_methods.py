@@ -643,8 +643,13 @@ def test_grasp_pooling_and_adapter_width_are_switches(slice_dm, slice_space, one
                                        hae=HAEConfig(adapter_hidden=24))
         modules[pooling].attach(slice_dm)
     assert modules["mean"].hae.item_adapter[0].out_features == 24
-    # the default (mean) is the former formula: the mean of each item's real neighbours' vectors
-    vectors, neighbours = slice_space.item_vectors, slice_space.item_neighbours
+    # the default (mean) is the former formula: the mean of each item's real neighbours' vectors, over the
+    # neighbours the modules used (the memoised space: a second exact search of the hash vectors, whose
+    # texts tie exactly, may order tied neighbours otherwise under multi-threaded BLAS)
+    from raserec.semantic.space import semantic_space
+
+    used = semantic_space(slice_dm, semantic)
+    vectors, neighbours = used.item_vectors, used.item_neighbours
     has = neighbours > 0
     former = (vectors[neighbours] * has[..., None]).sum(1) / np.maximum(has.sum(1, keepdims=True), 1)
     torch.testing.assert_close(modules["mean"].similar_semantic, torch.from_numpy(former.astype(np.float32)))

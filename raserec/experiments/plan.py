@@ -83,16 +83,22 @@ def progress(plan: Planned, results_dir: Path) -> dict:
             "wall_per_seed_s": wall / len(done) if done else None}
 
 
+def standing(plan: Planned, results_dir: Path) -> tuple[dict, list[int], bool]:
+    """:func:`progress`, the wanted seeds finished, and whether all of them are."""
+    g = progress(plan, results_dir)
+    done = [s for s in plan.seeds if s in g["done"]]
+    return g, done, len(done) == len(plan.seeds)
+
+
 def queue_table(results_dir: Path, plan: tuple[Planned, ...] = PLAN) -> str:
     """The README table: every planned experiment, its seeds done / wanted, what is carried, the
     hours one finished seed took (on the recorded hardware), and the command that continues it."""
     lines = ["| experiment | seeds done / wanted | carried, unfinished | hours per finished seed | continue with |",
              "|---|---|---|---|---|"]
     for p in plan:
-        g = progress(p, results_dir)
-        done = [s for s in p.seeds if s in g["done"]]
+        g, done, finished = standing(p, results_dir)
         hours = "" if g["wall_per_seed_s"] is None else f"{g['wall_per_seed_s'] / 3600:.1f}"
-        command = "done" if len(done) == len(p.seeds) else f"`{p.command()}`"
+        command = "done" if finished else f"`{p.command()}`"
         lines.append(f"| {p.name} | {', '.join(map(str, done)) or 'none'} / {len(p.seeds)} | "
                      f"{', '.join(map(str, g['carried']))} | {hours} | {command} |")
     return "\n".join(lines)
@@ -105,3 +111,75 @@ def check_plan(plan: tuple[Planned, ...] = PLAN, root: Path = Path(".")) -> None
         for flag, value in itertools.pairwise(words):
             if flag in ("--pretrain", "--finetune", "--data", "--overlay", "--model") and not (root / value).is_file():
                 raise FileNotFoundError(f"{p.name}: {flag} {value} does not exist")
+
+
+def select(names: list[str], results_dir: Path, plan: tuple[Planned, ...] = PLAN) -> list[Planned]:
+    """The named experiments (default: every unfinished one), always in plan order (a later
+    experiment may take its stage 1 from an earlier one); an unknown name is one error line."""
+    from raserec.errors import RaserecError
+
+    known = {p.name for p in plan}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RaserecError(f"not a planned experiment: {', '.join(unknown)} (planned: {', '.join(sorted(known))}; "
+                           "see raserec/experiments/plan.py)")
+    if names:
+        return [p for p in plan if p.name in names]
+    return [p for p in plan if not standing(p, results_dir)[2]]
+
+
+def main(argv: list[str], plan: tuple[Planned, ...] = PLAN) -> int:
+    """``raserec plan``: list the reproduction queue, or run / status / carry its experiments."""
+    from raserec.argparsing import ArgumentParser
+    from raserec.errors import RaserecError
+    from raserec.experiments import runner
+    from raserec.experiments.lock import running
+
+    p = ArgumentParser(
+        prog="raserec plan",
+        description="The converged runs the reproduction still needs (raserec/experiments/plan.py): without an "
+                    "action, one line each (seeds done / wanted, carried, running now) and the command that "
+                    "continues it.",
+        epilog="example: raserec plan --run beauty_sracl sports_sracl   (then, before the machine goes: "
+               "stop it, raserec plan --carry, commit)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="planned experiments (default: all to list, "
+                                                            "the unfinished ones for an action)")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--run", action="store_true",
+                     help="run or resume the experiments one after the other, in plan order; stops at the first failure")
+    act.add_argument("--status", action="store_true", help="`raserec experiment --status` of each")
+    act.add_argument("--carry", action="store_true", help="`raserec experiment --carry` of each (then commit)")
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    a = p.parse_args(argv)
+    chosen = select(a.names, a.results_dir, plan)
+    dirs = ["--results-dir", str(a.results_dir), "--runs-dir", str(a.runs_dir)]
+    if not (a.run or a.status or a.carry):
+        for q in chosen if a.names else plan:
+            g, done, finished = standing(q, a.results_dir)
+            pid = running(a.runs_dir, q.name)
+            print(f"{q.name}: seeds done {', '.join(map(str, done)) or 'none'} / {len(q.seeds)}"
+                  + (f"; carried {', '.join(map(str, g['carried']))}" if g["carried"] else "")
+                  + ("" if pid is None else "; running now" + (f" (pid {pid})" if pid else "")))
+            print(f"  {'done' if finished else q.command()}")
+        return 0
+    if not chosen:
+        print("every planned experiment is finished: nothing to do")
+        return 0
+    if a.run:
+        for i, q in enumerate(chosen):
+            try:
+                runner.main([*shlex.split(q.command())[2:], *dirs])
+            except RaserecError as exc:
+                rest = [r.name for r in chosen[i + 1:]]
+                raise RaserecError(f"{exc}" + (f"; not run: {', '.join(rest)}" if rest else "")) from exc
+        return 0
+    errors = []  # --status / --carry: every experiment's lines, then every failure
+    for q in chosen:
+        try:
+            runner.main([*shlex.split(q.command())[2:], *dirs, "--status" if a.status else "--carry"])
+        except RaserecError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise RaserecError("; ".join(errors))
+    return 0

@@ -43,6 +43,7 @@ import numpy as np
 from raserec.argparsing import ArgumentParser
 from raserec.cli import check_config_file, check_run_name
 from raserec.errors import RaserecError, read_json_object
+from raserec.experiments.lock import hold, running
 from raserec.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,34 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
             for which in ("last", "best"):
                 src, dst = spec.checkpoint(seed, stage, which), spec.carried(seed, stage, which)
                 if src.is_file():
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dst)
+                    slim_copy(src, dst, CARRY_DROPS[which])
                     copied.append(dst)
     return copied
+
+
+#: What a carried checkpoint leaves out (carried files are committed, and every carry adds their
+#: full size to the repository's history; one session's carries once exceeded what a submission may
+#: hold). ``last`` resumes the fit: it keeps weights, optimizer, loops, callbacks and RNG states but
+#: not the encoder record, a second copy of the encoder weights that the module writes again at
+#: its next save. ``best`` is only ever tested or exported (``trainer.test`` restores weights and
+#: callbacks, never the optimizer), so its optimizer state (two moments per weight) stays behind.
+CARRY_DROPS: dict[str, tuple[str, ...]] = {"last": ("raserec_encoder",),
+                                           "best": ("optimizer_states", "lr_schedulers")}
+
+
+def slim_copy(src: Path, dst: Path, drop: tuple[str, ...]) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` without the top-level entries ``drop``, atomically
+    (read with :func:`~raserec.checkpoint.load_checkpoint_dict`: nothing in it is run)."""
+    import torch
+
+    from raserec.checkpoint import load_checkpoint_dict
+
+    blob = load_checkpoint_dict(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save({k: v for k, v in blob.items() if k not in drop}, tmp)
+    tmp.replace(dst)
+    return dst
 
 
 def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
@@ -276,7 +301,9 @@ def status(spec: ExperimentSpec) -> tuple[list[str], list[str]]:
     return lines, errors
 
 
-def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
+def run_stage(spec: ExperimentSpec, seed: int, stage: str, lock_fd: int | None = None) -> None:
+    """Run one stage as a ``raserec fit`` child process (log in its run directory). ``lock_fd``,
+    the experiment's lock, is inherited by the child, so the lock outlives a killed runner."""
     restore_carried(spec, seed, stage)
     args = stage_command(spec, seed, stage)
     run_dir = spec.run_dir(seed, stage)
@@ -288,7 +315,8 @@ def run_stage(spec: ExperimentSpec, seed: int, stage: str) -> None:
         log_file.write(f"\n$ raserec {shlex.join(args)}\n")
         log_file.flush()
         start = log_file.tell()  # the log holds earlier attempts too: read only this one's output
-        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                              pass_fds=() if lock_fd is None else (lock_fd,))
     if proc.returncode != 0:
         with open(log_path, "rb") as log_file:
             log_file.seek(start)
@@ -463,6 +491,11 @@ def run(spec: ExperimentSpec) -> dict | None:
     check_output_dir(spec.results_dir, "--results-dir")
     check_output_dir(spec.runs_dir, "--runs-dir")
     check_stage_commands(spec)
+    with hold(spec.runs_dir, spec.name) as lock_fd:  # one run per experiment, from here to the end
+        return _run_locked(spec, lock_fd)
+
+
+def _run_locked(spec: ExperimentSpec, lock_fd: int) -> dict | None:
     spec.out.mkdir(parents=True, exist_ok=True)
     for seed in spec.seeds:
         adopt_stage1(spec, seed)
@@ -487,7 +520,7 @@ def run(spec: ExperimentSpec) -> dict | None:
             if stage == "ranks":
                 compute_ranks(spec, seed)
             else:
-                run_stage(spec, seed, stage)
+                run_stage(spec, seed, stage, lock_fd)
             print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
         # After every seed, not only the last: an experiment stopped days into its third seed
         # already has the figures of the first two.
@@ -586,13 +619,18 @@ def main(argv: list[str]) -> int:
     spec, options = _parse(argv)
     if options.status:
         lines, errors = status(spec)
+        pid = running(spec.runs_dir, spec.name)
+        if pid is not None:
+            lines.insert(0, f"{spec.name}: running now" + (f" (pid {pid})" if pid else ""))
         for line in lines:
             print(line)
         if errors:  # the CLI prints it as the one error line
             raise RaserecError("; ".join(errors))
         return 0
     if options.carry:
-        copied = carry_unfinished(spec)
+        # never copy a checkpoint that a running trainer is writing (no run directory: nothing to lock)
+        with hold(spec.runs_dir, spec.name, "carry") if (spec.runs_dir / spec.name).is_dir() else contextlib.nullcontext():
+            copied = carry_unfinished(spec)
         for path in copied:
             print(f"carried {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         if not copied:
