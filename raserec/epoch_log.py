@@ -59,7 +59,9 @@ class EpochLog(L.Callback):
             text = f"{monitor} {metrics[monitor]:.4f}"
             best = float(stopper.best_score) if stopper is not None else math.inf
             if math.isfinite(best):
-                text += (f" (best {best:.4f} at epoch {epoch - stopper.wait_count}, "
+                # wait_count counts validations, one every check_val_every_n_epoch epochs
+                every = trainer.check_val_every_n_epoch or 1
+                text += (f" (best {best:.4f} at epoch {epoch - stopper.wait_count * every}, "
                          f"{stopper.wait_count} of patience {stopper.patience})")
             parts.append(text)
         # the other validation metrics at the monitor's cutoff (e.g. val/NDCG@10 beside val/HR@10)

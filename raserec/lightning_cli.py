@@ -297,6 +297,30 @@ class RaserecCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_model_fits_data("fit")
         self._check_validation_runs()
+        self._align_epoch_end_checks()
+
+    def _align_epoch_end_checks(self) -> None:
+        """Early stopping judges where the checkpoint is saved. Lightning resolves each one's
+        "at the training epoch's end or at validation's end" on its own; when the checkpoint is saved
+        at validation's end (``checkpoint.save_on_train_epoch_end false``, or validation not once per
+        epoch) and early stopping judges at the epoch's end, a fit resumed from that checkpoint
+        restarts at the epoch's end with no validation metric logged and fails in Lightning. An
+        unset early stopping follows the checkpoint; one set against it is refused here."""
+        trainer = self.trainer
+        every_epoch = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1 \
+            and getattr(trainer, "_val_check_time_interval", None) is None
+        ckpt = trainer.checkpoint_callback
+        flag = getattr(ckpt, "_save_on_train_epoch_end", None)
+        if ckpt is None or (flag if flag is not None else every_epoch):
+            return  # saved at the training epoch's end (or not at all): nothing to align
+        for es in (c for c in trainer.callbacks if isinstance(c, EarlyStopping)):
+            if es._check_on_train_epoch_end is None:
+                es._check_on_train_epoch_end = False
+            elif es._check_on_train_epoch_end:
+                raise ConfigError("early_stopping.check_on_train_epoch_end true judges at each training epoch's end, "
+                                  "but checkpoints are saved at validation's end (checkpoint.save_on_train_epoch_end "
+                                  "false, or validation not once per epoch): a resumed fit would find no validation "
+                                  "metric; leave it unset (it follows the checkpoint) or set both alike")
 
     def _check_validation_runs(self) -> None:
         """Early stopping and the best checkpoint read a validation metric: a fit without

@@ -530,6 +530,46 @@ def test_a_fit_without_progress_bar_logs_one_line_per_epoch(beauty_slice: Path, 
     assert fit(1, "--trainer.enable_progress_bar", "true") == []  # the bar says it
 
 
+def test_early_stopping_judges_where_the_checkpoint_is_saved(beauty_slice: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture, capsys) -> None:
+    """``checkpoint.save_on_train_epoch_end false``: an unset early stopping follows it, so a fit resumed
+    from a checkpoint saved at validation's end runs (Lightning failed: "Early stopping conditioned on
+    metric val/HR@10 which is not available"); one set against it is one error line; and with
+    validation every 2 epochs the epoch line's best epoch counts validations, not epochs."""
+    import re
+
+    def fit(max_epochs: int, *extra: str) -> int:
+        return main(["fit", "--config", str(CONFIGS / "beauty_pretrain.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+                     *_overrides(tmp_path), "--data.data_path", str(beauty_slice), "--trainer.max_epochs",
+                     str(max_epochs), "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+                     "--test_after_fit", "false", *extra])
+
+    at_validation = ("--checkpoint.save_on_train_epoch_end", "false")
+    assert fit(1, *at_validation) == 0
+    assert fit(2, *at_validation, "--ckpt_path", str(tmp_path / "run" / "last.ckpt")) == 0
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["epoch"] == 1  # the second epoch ran
+    capsys.readouterr()
+    for bad in (at_validation, ("--trainer.check_val_every_n_epoch", "2")):
+        assert fit(1, *bad, "--early_stopping.check_on_train_epoch_end", "true") == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "a resumed fit would find no validation metric" in err[0]
+    caplog.clear()
+    assert fit(6, "--trainer.check_val_every_n_epoch", "2", "--checkpoint.dirpath", str(tmp_path / "every2")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "raserec.epoch_log"]
+    assert [re.search(r"epoch (\d+)/6:", line).group(1) for line in lines] == ["2", "4", "6"]
+    # the best two validations ago is 4 epochs ago (on hand-set state: real curves need not fall)
+    from types import SimpleNamespace
+
+    from raserec.epoch_log import EpochLog
+
+    stopper = SimpleNamespace(monitor="val/HR@10", best_score=torch.tensor(0.2), wait_count=2, patience=10)
+    callback = EpochLog()
+    callback._pending = (10, {"val/HR@10": 0.1}, None)
+    caplog.clear()
+    callback._flush(SimpleNamespace(early_stopping_callback=stopper, check_val_every_n_epoch=2, max_epochs=20))
+    assert caplog.records[-1].getMessage() == "epoch 10/20: val/HR@10 0.1000 (best 0.2000 at epoch 6, 2 of patience 10)"
+
+
 def test_a_ddp_fit_logs_each_epoch_once(beauty_slice: Path, tmp_path: Path) -> None:
     """Two processes (gloo on CPU), progress bar off: one epoch line per epoch, from rank 0."""
     cmd = [sys.executable, "-m", "raserec.cli", "fit", "--config", str(CONFIGS / "beauty_sasrec.yaml"), "--config",
