@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -227,6 +228,16 @@ def _raserec_cause(exc: BaseException) -> RaserecError | None:
     return None
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (the kernel flags its write end with an error)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real descriptor (e.g. captured by a test)
+        return False
+
+
 def _stdout_to_devnull() -> None:
     """After a closed pipe: what is still buffered goes nowhere at exit, instead of a second error."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -294,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except RaserecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (`raserec plan | head`): end quietly, as `cat` does
-        _stdout_to_devnull()
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe (a worker's, a logger's) broke: a real failure
+            raise
+        _stdout_to_devnull()  # the reader of our output went away (`raserec plan | head`): end quietly
         return 0
     except ValueError as exc:
         # jsonargparse wraps errors raised while instantiating classes; surface ours cleanly.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from raserec.experiments.runner import (
     stage_command,
 )
 from raserec.experiments.summary import paired_tests
+from raserec.results import write_results
 
 pytestmark = pytest.mark.slow
 
@@ -103,11 +105,11 @@ def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, m
     assert experiment([*argv, "--carry"]) == 0 and "nothing to carry" in capsys.readouterr().out
     # seed 1: stage 1 finished (results file), stage 2 interrupted; seed 2: stage 1 interrupted
     def checkpoint(seed: int, stage: str, which: str) -> dict:
-        weights = {"w": torch.full((64, 64), float(seed))}
+        weights = {"encoder.w": torch.full((64, 64), float(seed))}
         return {"epoch": 3, "tag": f"{seed}-{stage}-{which}", "state_dict": weights,
                 "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(64, 64), "exp_avg_sq": torch.ones(64, 64)}}}],
                 "lr_schedulers": [], "callbacks": {"ResultsWriter": {"curve": [{"epoch": 3}]}},
-                "raserec_encoder": {"state_dict": {k: v.clone() for k, v in weights.items()}}}
+                "raserec_encoder": {"state_dict": {"w": weights["encoder.w"].clone()}}}  # a GPU run's second copy
 
     for seed, stage in ((1, "pretrain"), (1, "finetune"), (2, "pretrain")):
         for which in ("last", "best"):
@@ -121,15 +123,19 @@ def test_carry_copies_unfinished_stages_for_the_next_machine(tmp_path, capsys, m
     assert [str(p) for p in carried] == ["x/seed_1/finetune_best.ckpt", "x/seed_1/finetune_last.ckpt",
                                          "x/seed_2/pretrain_best.ckpt", "x/seed_2/pretrain_last.ckpt"]
     assert "carried" in capsys.readouterr().out
-    # carried slim: `last` keeps all a resumed fit restores but not the encoder record (a second copy of
-    # the weights, written again at the next save); `best` (only ever tested) leaves its optimizer state
+    # carried slim: `last` keeps all a resumed fit restores; `best` (only ever tested) leaves its optimizer
+    # state; in both the encoder record's weights are the module's own, stored once
     last = torch.load(spec.carried(2, "pretrain", "last"), weights_only=True)
     best = torch.load(spec.carried(2, "pretrain", "best"), weights_only=True)
     full = checkpoint(2, "pretrain", "last")
-    assert set(last) == set(full) - {"raserec_encoder"} and last["tag"] == "2-pretrain-last"
+    assert set(last) == set(full) and last["tag"] == "2-pretrain-last"
     assert set(best) == set(full) - {"optimizer_states", "lr_schedulers"} and best["tag"] == "2-pretrain-best"
     assert torch.equal(last["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(64, 64))
-    assert torch.equal(best["raserec_encoder"]["state_dict"]["w"], torch.full((64, 64), 2.0))
+    for blob in (last, best):
+        record, table = blob["raserec_encoder"]["state_dict"]["w"], blob["state_dict"]["encoder.w"]
+        assert torch.equal(record, torch.full((64, 64), 2.0))
+        assert record.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    assert not list(spec.seed_dir(2).glob("*.tmp"))
     for which, share in (("last", 0.8), ("best", 0.6)):  # of the full copy's 4 weight-sized tensors: 3 and 2 left
         assert spec.carried(2, "pretrain", which).stat().st_size < share * spec.checkpoint(2, "pretrain", which).stat().st_size
     # on a fresh machine (no runs/), the same command restores them and resumes
@@ -244,7 +250,7 @@ def test_one_run_per_experiment(tmp_path, capsys, monkeypatch):
     torch.save({"epoch": 2, "state_dict": {}}, ckpt)
     with hold(runs, "x") as fd:
         assert running(runs, "x") == os.getpid()
-        with pytest.raises(RaserecError, match=rf"x: cannot run: the experiment is running now \(pid {os.getpid()}"):
+        with pytest.raises(RaserecError, match=rf"x: cannot run: the experiment is running now \(started by pid {os.getpid()}"):
             experiment(argv)
         assert not results.exists()  # refused before the results directory was made
         with pytest.raises(RaserecError, match="x: cannot carry: the experiment is running now"):
@@ -262,6 +268,24 @@ def test_one_run_per_experiment(tmp_path, capsys, monkeypatch):
     assert running(runs, "x") is None and lock_path(runs, "x").is_file()  # released; the file is harmless
     assert experiment([*argv, "--carry"]) == 0  # not running any more: carried
     assert "carried" in capsys.readouterr().out
+
+
+def test_a_stage_child_inherits_the_experiment_lock(tmp_path, monkeypatch):
+    import raserec.experiments.runner as runner
+
+    spec = ExperimentSpec("x", Path("configs/beauty_pretrain.yaml"), None, [1], results_dir=tmp_path / "results",
+                          runs_dir=tmp_path / "runs")
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs)
+        write_results(spec.stage_results(1, "pretrain"), {"metrics": {}})
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner, "export_encoder", lambda spec, seed: None)
+    runner.run_stage(spec, 1, "pretrain", lock_fd=7)
+    assert seen["pass_fds"] == (7,)
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint(tmp_path):
@@ -503,7 +527,7 @@ def test_plan_lists_and_acts_on_the_queue_in_plan_order(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("argv", [["stats", "BEAUTY"], ["plan"]])
-def test_a_closed_pipe_ends_quietly(argv):
+def test_a_closed_pipe_ends_quietly(argv, tmp_path):
     """`raserec plan | head`: the reader is gone before anything is written; exit 0, no traceback."""
     import subprocess
     import sys
@@ -511,6 +535,8 @@ def test_a_closed_pipe_ends_quietly(argv):
     from tests.conftest import BEAUTY, require
 
     argv = [str(require(BEAUTY)) if a == "BEAUTY" else a for a in argv]
+    if argv == ["plan"]:  # an empty queue of our own, not the repository's results/ and runs/
+        argv += ["--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
     script = f"import sys; from raserec.cli import main; sys.exit(main({argv!r}))"
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=Path(__file__).resolve().parents[1])

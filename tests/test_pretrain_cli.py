@@ -614,9 +614,25 @@ def test_resume_from_a_slim_carried_checkpoint_reaches_the_same_weights(tmp_path
     full, _ = _short_fit(3, 2)
     _short_fit(3, 1, ckpt_dir=tmp_path)
     slim = slim_copy(tmp_path / "last.ckpt", tmp_path / "carried" / "last.ckpt", CARRY_DROPS["last"])
-    assert "raserec_encoder" not in torch.load(slim, weights_only=True)
     resumed, _ = _short_fit(3, 2, ckpt_dir=tmp_path / "again", resume=str(slim))
     for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
-    # the resumed fit's own checkpoints hold the record again
-    assert "raserec_encoder" in torch.load(tmp_path / "again" / "last.ckpt", weights_only=True)
+
+
+def test_a_slim_carried_raft_checkpoint_finds_its_encoder_on_a_fresh_machine(short_experiment, beauty_slice,
+                                                                             tmp_path) -> None:
+    """A RAFT stage's carried ``last`` keeps its encoder record: on a machine without stage 1's files
+    (the path recorded in its hyper-parameters is gone) it still validates from itself."""
+    from raserec.experiments.runner import CARRY_DROPS, slim_copy
+
+    _, runs, name = short_experiment
+    blob = torch.load(runs / name / "seed_1" / "finetune" / "checkpoints" / "last.ckpt", weights_only=True)
+    blob["hyper_parameters"]["encoder_checkpoint"] = str(tmp_path / "gone" / "best.ckpt")  # another machine's path
+    blob["raserec_encoder"]["state_dict"] = {k: v.clone() for k, v in blob["raserec_encoder"]["state_dict"].items()}
+    torch.save(blob, tmp_path / "full.ckpt")  # as a GPU run writes it: the record a second copy
+    slim = slim_copy(tmp_path / "full.ckpt", tmp_path / "carried.ckpt", CARRY_DROPS["last"])
+    assert slim.stat().st_size < (tmp_path / "full.ckpt").stat().st_size  # the two copies merged
+    rc = main(["validate", "--config", str(CONFIGS / "beauty_raft.yaml"), *_overrides(tmp_path),
+               "--data.data_path", str(beauty_slice), "--trainer.limit_val_batches", "2",
+               "--trainer.enable_progress_bar", "false", "--ckpt_path", str(slim)])
+    assert rc == 0

@@ -11,7 +11,6 @@ skipped, a carried stage resumes).
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -70,13 +69,18 @@ PLAN: tuple[Planned, ...] = (
 
 def progress(plan: Planned, results_dir: Path) -> dict:
     """Seeds finished and carried, and the wall time of the finished ones, from ``results_dir``."""
+    from raserec.errors import RaserecError, read_json_object
+
     summary = results_dir / plan.name / "summary.json"
     done: list[int] = []
     wall = 0.0
     if summary.is_file():
-        s = json.loads(summary.read_text())
-        done = [int(x) for x in s.get("seeds", [])]
-        wall = float(s.get("wall_time_s") or 0.0)
+        s = read_json_object(summary, "experiment summary")
+        try:
+            done = [int(x) for x in s.get("seeds", [])]
+            wall = float(s.get("wall_time_s") or 0.0)
+        except (TypeError, ValueError) as exc:
+            raise RaserecError(f"{summary}: damaged experiment summary (seeds or wall_time_s: {exc})") from exc
     carried = sorted(int(m.group(1)) for p in (results_dir / plan.name).glob("seed_*/*_last.ckpt")
                      if (m := re.fullmatch(r"seed_(\d+)", p.parent.name)))
     return {"done": done, "carried": [s for s in dict.fromkeys(carried) if s not in done],

@@ -43,7 +43,7 @@ import numpy as np
 from raserec.argparsing import ArgumentParser
 from raserec.cli import check_config_file, check_run_name
 from raserec.errors import RaserecError, read_json_object
-from raserec.experiments.lock import hold, running
+from raserec.experiments.lock import hold, idle, running
 from raserec.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -206,26 +206,38 @@ def carry_unfinished(spec: ExperimentSpec) -> list[Path]:
 
 #: What a carried checkpoint leaves out (carried files are committed, and every carry adds their
 #: full size to the repository's history; one session's carries once exceeded what a submission may
-#: hold). ``last`` resumes the fit: it keeps weights, optimizer, loops, callbacks and RNG states but
-#: not the encoder record, a second copy of the encoder weights that the module writes again at
-#: its next save. ``best`` is only ever tested or exported (``trainer.test`` restores weights and
-#: callbacks, never the optimizer), so its optimizer state (two moments per weight) stays behind.
-CARRY_DROPS: dict[str, tuple[str, ...]] = {"last": ("raserec_encoder",),
-                                           "best": ("optimizer_states", "lr_schedulers")}
+#: hold). ``last`` resumes the fit and keeps everything. ``best`` is only ever tested or exported
+#: (``trainer.test`` restores weights and callbacks, never the optimizer), so its optimizer state (two
+#: moments per weight) stays behind. The encoder record stays in both: a resumed or tested RAFT stage
+#: takes its frozen encoder from it on a machine without stage 1's files.
+CARRY_DROPS: dict[str, tuple[str, ...]] = {"last": (), "best": ("optimizer_states", "lr_schedulers")}
 
 
-def slim_copy(src: Path, dst: Path, drop: tuple[str, ...]) -> Path:
-    """Copy checkpoint ``src`` to ``dst`` without the top-level entries ``drop``, atomically
-    (read with :func:`~raserec.checkpoint.load_checkpoint_dict`: nothing in it is run)."""
+def slim_copy(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` without the top-level entries ``drop``, with its encoder
+    record's weights stored once (they are the module's ``encoder.*`` weights: a checkpoint written
+    on a GPU, or before records shared storage, holds them twice), atomically (read with
+    :func:`~raserec.checkpoint.load_checkpoint_dict`: nothing in it is run)."""
     import torch
 
-    from raserec.checkpoint import load_checkpoint_dict
+    from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict
 
     blob = load_checkpoint_dict(src)
+    record, state = blob.get(RECORD_KEY), blob.get("state_dict")
+    if isinstance(record, dict) and isinstance(record.get("state_dict"), dict) and isinstance(state, dict):
+        weights = record["state_dict"]
+        for name, tensor in weights.items():
+            twin = state.get(f"encoder.{name}")
+            if (isinstance(twin, torch.Tensor) and isinstance(tensor, torch.Tensor) and twin.dtype == tensor.dtype
+                    and twin.shape == tensor.shape and torch.equal(twin, tensor)):
+                weights[name] = twin  # one storage: torch.save writes it once
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    torch.save({k: v for k, v in blob.items() if k not in drop}, tmp)
-    tmp.replace(dst)
+    try:
+        torch.save({k: v for k, v in blob.items() if k not in drop}, tmp)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves nothing in results/
     return dst
 
 
@@ -628,8 +640,7 @@ def main(argv: list[str]) -> int:
             raise RaserecError("; ".join(errors))
         return 0
     if options.carry:
-        # never copy a checkpoint that a running trainer is writing (no run directory: nothing to lock)
-        with hold(spec.runs_dir, spec.name, "carry") if (spec.runs_dir / spec.name).is_dir() else contextlib.nullcontext():
+        with idle(spec.runs_dir, spec.name, "carry"):  # never copy a checkpoint that a running trainer is writing
             copied = carry_unfinished(spec)
         for path in copied:
             print(f"carried {path} ({path.stat().st_size / 2**20:.1f} MiB)")
