@@ -35,6 +35,7 @@ bench:  ## run the benchmarks, writing results/*_bench.json
 	$(BIN)/python -m raserec.benchmarks.ce_bench
 	$(BIN)/python -m raserec.benchmarks.ada_bench --data $(DATA)
 	$(BIN)/python -m raserec.benchmarks.semantic_bench --data $(DATA)
+	$(BIN)/python -m raserec.benchmarks.hae_bench --data $(DATA)
 
 reproduce:  ## pre-train -> RAFT -> test over SEEDS for DATASET (beauty|sports|clothing), BACKBONE (sasrec|gru4rec|bert4rec); SCHEDULE=cpu_short for 3 epochs/stage; resumable
 	$(BIN)/raserec experiment --name $(EXPERIMENT) --pretrain configs/stage/pretrain.yaml --finetune configs/stage/raft.yaml \

@@ -404,6 +404,41 @@ def test_hae_is_causal_and_sigmoid_differs_from_softmax() -> None:
     assert torch.equal(passed[ids > 0], e[ids > 0]) and not passed[ids == 0].any()
 
 
+@pytest.mark.parametrize("config", [{}, {"score_fn": "softmax"}, {"norm": "length", "global_causal": False},
+                                    {"id_residual": True, "use_similar": False}, {"include_id": False, "use_global": False}])
+def test_hae_grouped_by_length_equals_the_dense_reference(config) -> None:
+    """Rows run at the width of their length's next power of two: the same outputs and gradients as
+    every row at the batch's full width (rows of 0, 1 and T items, and every width between)."""
+    from raserec.models.hae import HAEConfig, HolisticAttention
+
+    torch.manual_seed(0)
+    hae = HolisticAttention(16, 8, HAEConfig(**config))
+    b, t, n = 40, 50, 60
+    lengths = torch.randint(1, t + 1, (b,))
+    lengths[:3] = torch.tensor([t, 1, 0])
+    ids = torch.zeros(b, t, dtype=torch.long)
+    for i, k in enumerate(lengths.tolist()):
+        ids[i, t - k:] = torch.randint(1, n, (k,))
+    table, similar = torch.randn(n, 16), torch.randn(n, 16)
+    table[0] = similar[0] = 0.0
+    e = torch.randn(b, t, 8, requires_grad=True)
+    users, similar_users = torch.randn(b, 16), torch.randn(b, 16)
+    weights = torch.linspace(-1, 1, b * t * 8).view(b, t, 8)
+    results = []
+    for forward in (hae.forward, hae.dense_forward):
+        hae.zero_grad()
+        e.grad = None
+        out = forward(e, ids, table, similar, users, similar_users)
+        (out * weights).sum().backward()
+        results.append((out.detach(), {"e": e.grad.clone(), **{k: p.grad.clone() for k, p in hae.named_parameters()
+                                                               if p.grad is not None}}))
+    (grouped, grad_grouped), (dense, grad_dense) = results
+    assert torch.allclose(grouped, dense, atol=1e-6) and not grouped[ids == 0].any()
+    assert grad_grouped.keys() == grad_dense.keys()
+    for name, g in grad_dense.items():  # relative to the gradient's scale (a sum over many positions)
+        assert torch.allclose(grad_grouped[name], g, atol=1e-4 * max(float(g.abs().max()), 1.0)), name
+
+
 def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torch_thread) -> None:
     from raserec.models.encoders import SASRec
     from raserec.semantic.grasp import GRASPModule

@@ -121,29 +121,95 @@ class HolisticAttention(nn.Module):
         """``ids_embedding`` ``[B, T, d]`` of the left-padded item ``ids`` ``[B, T]`` (0 = padding);
         ``item_table`` (the items' own semantics) and ``similar_table`` (the mean semantics of each
         item's neighbours) ``[N + 1, D]``; ``user_semantic``, ``similar_user_semantic`` ``[B, D]``.
-        Returns ``[B, T, d]``, zero at padding positions."""
+        Returns ``[B, T, d]``, zero at padding positions.
+
+        Rows attend only within themselves, so they are grouped by length: a row of ``n`` items runs
+        at the width of the next power of two (at most ``T``), its left columns being padding, which
+        every branch masks. A batch of mostly short rows with one of length ``T`` (the usual case:
+        Beauty's prefixes average 8 items) no longer pays ``[B, T, T]`` attention. Same outputs as
+        :meth:`dense_forward` up to float summation order (tested)."""
         cfg = self.config
+        b, t = ids.shape
         real = ids > 0
+        lengths = real.sum(1).clamp_min(1)
+        widths = (2 ** torch.ceil(torch.log2(lengths.float()))).long().clamp_max(t)
+        # Rows sorted by width, then split (not sliced: backward is one concatenation, where every
+        # slice would zero-fill a gradient of the whole batch) into one group per width.
+        order = torch.argsort(widths, stable=True)
+        group_widths, counts = torch.unique_consecutive(widths[order], return_counts=True)
+        sizes = counts.tolist()
+        # Keys and values per distinct item of the batch, gathered per group from these [U, d] rows.
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        tables = {}
+        if cfg.use_self or cfg.use_global:
+            x = self.item_adapter(item_table[uniq])
+            tables["k"], tables["v"] = self.key(x), self.value(x)
+        if cfg.use_similar:
+            x = self.item_adapter(similar_table[uniq])
+            tables["k_sim"], tables["v_sim"] = self.key(x), self.value(x)
+        c = self.user_adapter(user_semantic).index_select(0, order)  # [B, d], sorted
+        c_sim = self.user_adapter(similar_user_semantic).index_select(0, order) if cfg.use_similar else None
+        groups = zip(group_widths.tolist(), order.split(sizes), ids_embedding.index_select(0, order).split(sizes),
+                     inverse.index_select(0, order).split(sizes), c.split(sizes),
+                     c_sim.split(sizes) if c_sim is not None else [None] * len(sizes), strict=True)
+        features, cells = [], []
+        for w, rows, e, inv, c_g, c_sim_g in groups:
+            cols = slice(t - w, t)  # the left columns of these rows are padding
+            inv = inv[:, cols]
+            r = real.index_select(0, rows)[:, cols]
+            kv = {name: table[inv] for name, table in tables.items()}
+            feats = self._features(e[:, cols], r, kv, c_g, c_sim_g)
+            features.append(feats[r])
+            cells.append((rows[:, None] * t + torch.arange(t - w, t, device=ids.device))[r])
+        return self._fuse(torch.cat(features), torch.cat(cells), ids_embedding)
+
+    def dense_forward(self, ids_embedding: Tensor, ids: Tensor, item_table: Tensor, similar_table: Tensor,
+                      user_semantic: Tensor, similar_user_semantic: Tensor) -> Tensor:
+        """Reference implementation of :meth:`forward`: every row at the batch's full width."""
+        real = ids > 0
+        keys = self._keys_values(ids, item_table, similar_table)
+        c = self.user_adapter(user_semantic)
+        c_sim = self.user_adapter(similar_user_semantic) if self.config.use_similar else None
+        feats = self._features(ids_embedding, real, keys, c, c_sim)
+        b, t = ids.shape
+        return self._fuse(feats[real], torch.arange(b * t, device=ids.device).view(b, t)[real], ids_embedding)
+
+    def _keys_values(self, ids: Tensor, item_table: Tensor, similar_table: Tensor) -> dict[str, Tensor]:
+        """Keys and values ``[B, T, d]`` of every branch in use (once per batch, not per length group)."""
+        cfg, out = self.config, {}
+        if cfg.use_self or cfg.use_global:
+            out["k"], out["v"] = self.item_keys_values(item_table, ids)
+        if cfg.use_similar:
+            out["k_sim"], out["v_sim"] = self.item_keys_values(similar_table, ids)
+        return out
+
+    def _features(self, e: Tensor, real: Tensor, kv: dict[str, Tensor], c: Tensor, c_sim: Tensor | None) -> Tensor:
+        """``[e_t || i_self || i_sim || i_glob]`` ``[B, T, F]`` of rows ``e`` ``[B, T, d]`` (padding
+        positions hold values the caller drops)."""
+        cfg = self.config
         t = real.size(1)
         causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
         mask = causal & real[:, None, :]  # query t sees real items j <= t
-        c = self.user_adapter(user_semantic).unsqueeze(1)  # [B, 1, d]
-        parts = [ids_embedding] if cfg.include_id else []
-        if cfg.use_self or cfg.use_global:
-            k, v = self.item_keys_values(item_table, ids)
+        c = c.unsqueeze(1)  # [B, 1, d]
+        parts = [e] if cfg.include_id else []
         if cfg.use_self:
-            parts.append(self._attend(self.query(ids_embedding + c), k, v, mask, self.norms[0]))
+            parts.append(self._attend(self.query(e + c), kv["k"], kv["v"], mask, self.norms[0]))
         if cfg.use_similar:
-            c_sim = self.user_adapter(similar_user_semantic).unsqueeze(1)
-            k_sim, v_sim = self.item_keys_values(similar_table, ids)
-            parts.append(self._attend(self.query(ids_embedding + c_sim), k_sim, v_sim, mask, self.norms[1]))
+            parts.append(self._attend(self.query(e + c_sim.unsqueeze(1)), kv["k_sim"], kv["v_sim"], mask,
+                                      self.norms[1]))
         if cfg.use_global:
             q_glob = self.query(c).expand(-1, t, -1)
             glob_mask = mask if cfg.global_causal else real[:, None, :].expand(-1, t, -1)
-            parts.append(self._attend(q_glob, k, v, glob_mask, self.norms[2]))
-        features = torch.cat(parts, dim=-1)
-        # The MLP runs on real positions only; padding stays zero, as a padding embedding would be.
-        out = features.new_zeros(*real.shape, self.mlp[-1].out_features)
-        fused = self.mlp(features[real])
-        out[real] = fused + ids_embedding[real] if cfg.id_residual else fused
-        return out
+            parts.append(self._attend(q_glob, kv["k"], kv["v"], glob_mask, self.norms[2]))
+        return torch.cat(parts, dim=-1)
+
+    def _fuse(self, features: Tensor, cells: Tensor, ids_embedding: Tensor) -> Tensor:
+        """The MLP over the real positions' features ``[R, F]`` (flat indices ``cells`` of
+        ``[B, T]``), scattered into ``[B, T, d]``; padding stays zero, as a padding embedding would be."""
+        b, t, d = ids_embedding.shape
+        fused = self.mlp(features)
+        if self.config.id_residual:
+            fused = fused + ids_embedding.reshape(b * t, d).index_select(0, cells)
+        out = fused.new_zeros(b * t, fused.size(1)).index_copy(0, cells, fused)
+        return out.view(b, t, -1)
+
