@@ -67,6 +67,37 @@ class ResultsSpec:
     ranks: bool = True
 
 
+EPOCH_END_CONFLICT = ("early_stopping.check_on_train_epoch_end true judges at each training epoch's end, but "
+                      "checkpoints are saved at validation's end (checkpoint.save_on_train_epoch_end false, or "
+                      "validation not once per epoch): a resumed fit would find no validation metric; leave it "
+                      "unset (it follows the checkpoint) or set both alike")
+
+
+def validation_off(monitors: list[str]) -> str:
+    return (f"trainer.limit_val_batches 0 turns validation off, but early stopping and the best checkpoint monitor "
+            f"{', '.join(monitors)}, which validation logs; let validation run (limit_val_batches > 0)")
+
+
+def fit_config_conflicts(config: dict) -> list[str]:
+    """What :meth:`RaserecCLI.before_fit` would refuse, read off a resolved ``raserec fit`` config
+    (``--print_config``'s), so that ``raserec experiment`` refuses every stage's command before the
+    first stage trains, not hours later when the second one starts."""
+    trainer = config.get("trainer") or {}
+    ckpt = config.get("checkpoint") or {}
+    stopping = config.get("early_stopping") or {}
+    out = []
+    monitors = sorted({m for m in (ckpt.get("monitor"), stopping.get("monitor")) if m})
+    if trainer.get("limit_val_batches") == 0 and monitors:
+        out.append(validation_off(monitors))
+    every_epoch = trainer.get("val_check_interval") in (None, 1.0) and trainer.get("check_val_every_n_epoch") in (None, 1)
+    saved_at_epoch_end = ckpt.get("save_on_train_epoch_end")
+    if saved_at_epoch_end is None:
+        saved_at_epoch_end = every_epoch
+    if stopping.get("check_on_train_epoch_end") is True and not saved_at_epoch_end:
+        out.append(EPOCH_END_CONFLICT)
+    return out
+
+
 class EpochCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is written after *every* validation, not only when
     the monitored metric improves (Lightning 2.6 writes ``save_last`` only beside a top-k save),
@@ -317,10 +348,7 @@ class RaserecCLI(LightningCLI):
             if es._check_on_train_epoch_end is None:
                 es._check_on_train_epoch_end = False
             elif es._check_on_train_epoch_end:
-                raise ConfigError("early_stopping.check_on_train_epoch_end true judges at each training epoch's end, "
-                                  "but checkpoints are saved at validation's end (checkpoint.save_on_train_epoch_end "
-                                  "false, or validation not once per epoch): a resumed fit would find no validation "
-                                  "metric; leave it unset (it follows the checkpoint) or set both alike")
+                raise ConfigError(EPOCH_END_CONFLICT)
 
     def _check_validation_runs(self) -> None:
         """Early stopping and the best checkpoint read a validation metric: a fit without
@@ -330,9 +358,7 @@ class RaserecCLI(LightningCLI):
         monitors = sorted({c.monitor for c in self.trainer.callbacks
                            if isinstance(c, EarlyStopping | ModelCheckpoint) and c.monitor})
         if monitors:
-            raise ConfigError(f"trainer.limit_val_batches 0 turns validation off, but early stopping and the "
-                              f"best checkpoint monitor {', '.join(monitors)}, which validation logs; let "
-                              f"validation run (limit_val_batches > 0)")
+            raise ConfigError(validation_off(monitors))
 
     def before_validate(self) -> None:
         self._check_model_fits_data("validate")

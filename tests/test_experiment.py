@@ -270,6 +270,37 @@ def test_one_run_per_experiment(tmp_path, capsys, monkeypatch):
     assert "carried" in capsys.readouterr().out
 
 
+def test_a_stage_2_conflict_is_refused_before_stage_1_trains(tmp_path, monkeypatch):
+    """What `raserec fit` refuses only once it starts (validation off under early stopping, early
+    stopping at the epoch's end against a checkpoint at validation's) is read off each stage's printed
+    config, so a bad stage 2 fails before stage 1 runs for hours; nothing is created."""
+    import yaml
+
+    from raserec.experiments.runner import main as experiment
+    from raserec.lightning_cli import fit_config_conflicts
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    raft = yaml.safe_load((repo / "configs" / "beauty_raft.yaml").read_text())
+    cases = {"epoch_end": ({"checkpoint": {"save_on_train_epoch_end": False},
+                            "early_stopping": {"check_on_train_epoch_end": True}}, "a resumed fit would find no"),
+             "no_validation": ({"trainer": {"limit_val_batches": 0}}, "turns validation off")}
+    for name, (change, why) in cases.items():
+        config = {**raft, **{k: {**(raft.get(k) or {}), **v} for k, v in change.items()}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(RaserecError, match=f"the finetune stage's `raserec fit` command is refused: .*{why}"):
+            experiment(["--name", "x", "--pretrain", "configs/beauty_pretrain.yaml", "--finetune", str(path),
+                        "--seeds", "1", "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")])
+        assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+    # validation every 2 epochs puts the checkpoint at validation's end too; unset early stopping is fine
+    every2 = {"trainer": {"check_val_every_n_epoch": 2}, "checkpoint": {"save_on_train_epoch_end": None}}
+    assert len(fit_config_conflicts({**every2, "early_stopping": {"check_on_train_epoch_end": True}})) == 1
+    assert fit_config_conflicts({**every2, "early_stopping": {"check_on_train_epoch_end": None}}) == []
+    assert fit_config_conflicts({"checkpoint": {"save_on_train_epoch_end": True},
+                                 "early_stopping": {"check_on_train_epoch_end": True}}) == []
+
+
 def test_a_stage_child_inherits_the_experiment_lock(tmp_path, monkeypatch):
     import raserec.experiments.runner as runner
 

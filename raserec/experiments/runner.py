@@ -472,8 +472,8 @@ def check_stage_commands(spec: ExperimentSpec) -> None:
         todo = [s for s in spec.seeds if not spec.stage_results(s, stage).is_file()]
         if not todo:
             continue
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli_main([*stage_command(spec, todo[0], stage), "--print_config"])
             except SystemExit as exc:  # --print_config exits 0 once the command has parsed
@@ -484,6 +484,17 @@ def check_stage_commands(spec: ExperimentSpec) -> None:
         if code != 0:
             raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: "
                                f"{_why(err.getvalue(), f'exit code {code}')}")
+        # what the fit itself would refuse only once it starts (after stage 1, for stage 2)
+        import yaml
+
+        from raserec.lightning_cli import fit_config_conflicts
+
+        try:
+            conflicts = fit_config_conflicts(yaml.safe_load(out.getvalue()) or {})
+        except yaml.YAMLError:
+            conflicts = []  # not a config printout: nothing more to check here
+        if conflicts:
+            raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: {conflicts[0]}")
 
 
 def _why(output: str, default: str = "no output") -> str:
