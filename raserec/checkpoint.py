@@ -53,7 +53,9 @@ def weights_sha256(state_dict: dict[str, Any]) -> str:
 
 
 def encoder_record(encoder: SequenceEncoder, data_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to rebuild ``encoder`` without its training code."""
+    """Everything needed to rebuild ``encoder`` without its training code. On the CPU its weights
+    are views of the encoder's own (no copy): save or use the record before training on, or its
+    recorded hash no longer matches the weights it holds."""
     missing = encoder.unrecorded_init_args()
     if missing:
         raise CheckpointError(f"{encoder.class_path} did not record its constructor argument(s) {missing}: call "
