@@ -79,17 +79,22 @@ def validation_off(monitors: list[str]) -> str:
 
 
 def fit_config_conflicts(config: dict) -> list[str]:
-    """What :meth:`RaserecCLI.before_fit` would refuse, read off a resolved ``raserec fit`` config
-    (``--print_config``'s), so that ``raserec experiment`` refuses every stage's command before the
-    first stage trains, not hours later when the second one starts."""
+    """Part of what :meth:`RaserecCLI.before_fit` would refuse, read off a resolved ``raserec fit``
+    config (``--print_config``'s), so that ``raserec experiment`` refuses every stage's command before
+    the first stage trains, not hours later when the second one starts. It reads the ``checkpoint``
+    and ``early_stopping`` sections only (not callbacks listed in ``trainer.callbacks``), and nothing
+    under Lightning's debug flags, which rewrite the validation schedule."""
     trainer = config.get("trainer") or {}
     ckpt = config.get("checkpoint") or {}
     stopping = config.get("early_stopping") or {}
+    if trainer.get("fast_dev_run") or (trainer.get("overfit_batches") or 0) > 0:
+        return []
     out = []
     monitors = sorted({m for m in (ckpt.get("monitor"), stopping.get("monitor")) if m})
     if trainer.get("limit_val_batches") == 0 and monitors:
         out.append(validation_off(monitors))
-    every_epoch = trainer.get("val_check_interval") in (None, 1.0) and trainer.get("check_val_every_n_epoch") in (None, 1)
+    # as Lightning: validation "every epoch" is check_val_every_n_epoch == 1 exactly (null is not)
+    every_epoch = trainer.get("val_check_interval") in (None, 1.0) and trainer.get("check_val_every_n_epoch", 1) == 1
     saved_at_epoch_end = ckpt.get("save_on_train_epoch_end")
     if saved_at_epoch_end is None:
         saved_at_epoch_end = every_epoch

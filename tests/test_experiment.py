@@ -299,6 +299,12 @@ def test_a_stage_2_conflict_is_refused_before_stage_1_trains(tmp_path, monkeypat
     assert fit_config_conflicts({**every2, "early_stopping": {"check_on_train_epoch_end": None}}) == []
     assert fit_config_conflicts({"checkpoint": {"save_on_train_epoch_end": True},
                                  "early_stopping": {"check_on_train_epoch_end": True}}) == []
+    # as Lightning: check_val_every_n_epoch null is not "every epoch"; its debug flags rewrite the schedule
+    stop_at_end = {"early_stopping": {"check_on_train_epoch_end": True}}
+    assert len(fit_config_conflicts({"trainer": {"check_val_every_n_epoch": None}, **stop_at_end})) == 1
+    for debug in ({"fast_dev_run": True}, {"overfit_batches": 2}):
+        assert fit_config_conflicts({"trainer": {"limit_val_batches": 0, **debug}, **stop_at_end,
+                                     "checkpoint": {"monitor": "val/HR@10", "save_on_train_epoch_end": False}}) == []
 
 
 def test_a_stage_child_inherits_the_experiment_lock(tmp_path, monkeypatch):

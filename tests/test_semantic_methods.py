@@ -419,6 +419,8 @@ def test_hae_grouped_by_length_equals_the_dense_reference(config) -> None:
     ids = torch.zeros(b, t, dtype=torch.long)
     for i, k in enumerate(lengths.tolist()):
         ids[i, t - k:] = torch.randint(1, n, (k,))
+    ids[3, -40:] = torch.randint(1, n, (40,))
+    ids[3, -30:-5] = 0  # a row with a gap: 15 real items spread over 40 columns
     table, similar = torch.randn(n, 16), torch.randn(n, 16)
     table[0] = similar[0] = 0.0
     e = torch.randn(b, t, 8, requires_grad=True)
@@ -437,6 +439,22 @@ def test_hae_grouped_by_length_equals_the_dense_reference(config) -> None:
     assert grad_grouped.keys() == grad_dense.keys()
     for name, g in grad_dense.items():  # relative to the gradient's scale (a sum over many positions)
         assert torch.allclose(grad_grouped[name], g, atol=1e-4 * max(float(g.abs().max()), 1.0)), name
+
+
+def test_hae_runs_under_bf16_autocast() -> None:
+    """``configs/bf16.yaml`` trains GRASP under CPU autocast: HAE's output reaches the backbone."""
+    from raserec.models.hae import HolisticAttention
+
+    torch.manual_seed(0)
+    hae = HolisticAttention(16, 8)
+    ids = torch.tensor([[0, 0, 3, 5], [1, 2, 3, 4], [0, 0, 0, 7]])
+    table, similar = torch.randn(10, 16), torch.randn(10, 16)
+    table[0] = similar[0] = 0.0
+    e = torch.randn(3, 4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hae(e, ids, table, similar, torch.randn(3, 16), torch.randn(3, 16))
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and not out[ids == 0].any() and e.grad is not None
 
 
 def test_grasp_never_pools_the_users_own_history(slice_dm, slice_space, one_torch_thread) -> None:

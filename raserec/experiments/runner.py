@@ -490,9 +490,10 @@ def check_stage_commands(spec: ExperimentSpec) -> None:
         from raserec.lightning_cli import fit_config_conflicts
 
         try:
-            conflicts = fit_config_conflicts(yaml.safe_load(out.getvalue()) or {})
+            printed = yaml.safe_load(out.getvalue())
         except yaml.YAMLError:
-            conflicts = []  # not a config printout: nothing more to check here
+            printed = None
+        conflicts = fit_config_conflicts(printed) if isinstance(printed, dict) else []  # else: not a config
         if conflicts:
             raise RaserecError(f"{spec.name}: the {stage} stage's `raserec fit` command is refused: {conflicts[0]}")
 

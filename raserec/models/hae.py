@@ -127,12 +127,17 @@ class HolisticAttention(nn.Module):
         at the width of the next power of two (at most ``T``), its left columns being padding, which
         every branch masks. A batch of mostly short rows with one of length ``T`` (the usual case:
         Beauty's prefixes average 8 items) no longer pays ``[B, T, T]`` attention. Same outputs as
-        :meth:`dense_forward` up to float summation order (tested)."""
+        :meth:`dense_forward` up to float summation order (tested). On a GPU the dense path runs:
+        the groups' host synchronisations and small kernels are unmeasured there."""
+        if ids.is_cuda:
+            return self.dense_forward(ids_embedding, ids, item_table, similar_table, user_semantic,
+                                      similar_user_semantic)
         cfg = self.config
-        b, t = ids.shape
+        t = ids.size(1)
         real = ids > 0
-        lengths = real.sum(1).clamp_min(1)
-        widths = (2 ** torch.ceil(torch.log2(lengths.float()))).long().clamp_max(t)
+        # From the first real column on (= the length for left padding; a gap inside a row is kept too)
+        spans = torch.where(real.any(1), t - real.float().argmax(1), torch.ones_like(ids[:, 0]))
+        widths = (2 ** torch.ceil(torch.log2(spans.float()))).long().clamp_max(t)
         # Rows sorted by width, then split (not sliced: backward is one concatenation, where every
         # slice would zero-fill a gradient of the whole batch) into one group per width.
         order = torch.argsort(widths, stable=True)
