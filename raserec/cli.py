@@ -243,36 +243,26 @@ def _stdout_to_devnull() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+#: The hand-written subcommands: each ``(module, function)``, imported only when that command runs
+#: (``raserec plan --help`` stays free of torch).
+_COMMANDS = {
+    "prepare": ("raserec.data.prepare", "prepare_main"),
+    "stats": ("raserec.data.prepare", "stats_main"),
+    "analyze": ("raserec.analysis.cli", "main"),
+    "embed": ("raserec.semantic.cli", "main"),
+    "experiment": ("raserec.experiments.runner", "main"),
+    "compare": ("raserec.experiments.compare", "main"),
+    "plan": ("raserec.experiments.plan", "main"),
+}
+
+
 def _dispatch(command: str, argv: list[str], rest: list[str]) -> int | None:
     """Run one command; ``None`` for an unknown one."""
-    if command == "prepare":
-        from raserec.data.prepare import prepare_main
+    if command in _COMMANDS:
+        import importlib
 
-        return prepare_main(rest)
-    if command == "stats":
-        from raserec.data.prepare import stats_main
-
-        return stats_main(rest)
-    if command == "analyze":
-        from raserec.analysis.cli import main as analyze_main
-
-        return analyze_main(rest)
-    if command == "embed":
-        from raserec.semantic.cli import main as embed_main
-
-        return embed_main(rest)
-    if command == "experiment":
-        from raserec.experiments.runner import main as experiment_main
-
-        return experiment_main(rest)
-    if command == "compare":
-        from raserec.experiments.compare import main as compare_main
-
-        return compare_main(rest)
-    if command == "plan":
-        from raserec.experiments.plan import main as plan_main
-
-        return plan_main(rest)
+        module, function = _COMMANDS[command]
+        return getattr(importlib.import_module(module), function)(rest)
     if command in ("fit", "validate", "test", "predict"):
         return _lightning_main(argv)
     return None
