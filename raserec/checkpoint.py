@@ -73,13 +73,22 @@ def encoder_record(encoder: SequenceEncoder, data_fingerprint: dict[str, Any] | 
     }
 
 
-def save_encoder(encoder: SequenceEncoder, path: str | Path, data_fingerprint: dict[str, Any] | None = None) -> Path:
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through a temporary file beside ``path``: a reader never sees a half-written
+    file, and a failed save leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({RECORD_KEY: encoder_record(encoder, data_fingerprint)}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_encoder(encoder: SequenceEncoder, path: str | Path, data_fingerprint: dict[str, Any] | None = None) -> Path:
+    return save_atomic({RECORD_KEY: encoder_record(encoder, data_fingerprint)}, path)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

@@ -220,7 +220,7 @@ def slim_copy(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
     :func:`~raserec.checkpoint.load_checkpoint_dict`: nothing in it is run)."""
     import torch
 
-    from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict
+    from raserec.checkpoint import RECORD_KEY, load_checkpoint_dict, save_atomic
 
     blob = load_checkpoint_dict(src)
     record, state = blob.get(RECORD_KEY), blob.get("state_dict")
@@ -231,14 +231,7 @@ def slim_copy(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
             if (isinstance(twin, torch.Tensor) and isinstance(tensor, torch.Tensor) and twin.dtype == tensor.dtype
                     and twin.shape == tensor.shape and torch.equal(twin, tensor)):
                 weights[name] = twin  # one storage: torch.save writes it once
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        torch.save({k: v for k, v in blob.items() if k not in drop}, tmp)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed save leaves nothing in results/
-    return dst
+    return save_atomic({k: v for k, v in blob.items() if k not in drop}, dst)
 
 
 def stage_status(spec: ExperimentSpec, seed: int, stage: str) -> str:
