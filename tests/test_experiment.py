@@ -557,6 +557,11 @@ def test_plan_lists_and_acts_on_the_queue_in_plan_order(tmp_path, capsys, monkey
     assert [(c[1], c[-1]) for c in calls] == [("a", "--status"), ("c", "--status"), ("d", "--status")]
     calls.clear()
     assert plan_main(["--carry", "b", *dirs], plan) == 0 and calls[0][-1] == "--carry"
+    # the default directories are not passed on: the command a results file records is the planned one
+    calls.clear()
+    assert plan_main(["--run", "b", "--results-dir", "results", "--runs-dir", str(runs)], plan) == 0
+    assert calls == [["--name", "b", "--pretrain", "configs/beauty_grasp.yaml", "--seeds", "2024",
+                      "--runs-dir", str(runs)]]
     for bad, why in ((["nope", *dirs], "not a planned experiment: nope"),
                      (["--run", "--carry", *dirs], "not allowed with argument")):
         with pytest.raises(RaserecError, match=why):

@@ -153,11 +153,16 @@ def main(argv: list[str], plan: tuple[Planned, ...] = PLAN) -> int:
                      help="run or resume the experiments one after the other, in plan order; stops at the first failure")
     act.add_argument("--status", action="store_true", help="`raserec experiment --status` of each")
     act.add_argument("--carry", action="store_true", help="`raserec experiment --carry` of each (then commit)")
-    p.add_argument("--results-dir", type=Path, default=Path("results"))
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--results-dir", type=Path, default=runner.DEFAULT_DIRS["--results-dir"])
+    p.add_argument("--runs-dir", type=Path, default=runner.DEFAULT_DIRS["--runs-dir"])
     a = p.parse_args(argv)
     chosen = select(a.names, a.results_dir, plan)
-    dirs = ["--results-dir", str(a.results_dir), "--runs-dir", str(a.runs_dir)]
+    # Only directories other than the defaults are passed on, so that the command a results file
+    # records is the planned one (the README's), not one padded with default paths.
+    dirs: list[str] = []
+    for flag, value in (("--results-dir", a.results_dir), ("--runs-dir", a.runs_dir)):
+        if value != runner.DEFAULT_DIRS[flag]:
+            dirs += [flag, str(value)]
     if not (a.run or a.status or a.carry):
         for q in chosen if a.names else plan:
             g, done, finished = standing(q, a.results_dir)

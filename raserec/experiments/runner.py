@@ -49,6 +49,8 @@ from raserec.outputs import check_output_dir
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
+#: Where results and runs go unless ``--results-dir`` / ``--runs-dir`` say otherwise.
+DEFAULT_DIRS = {"--results-dir": Path("results"), "--runs-dir": Path("runs")}
 BACKBONES = ("sasrec", "gru4rec", "bert4rec")
 #: ``raserec fit`` options the runner sets itself for each seed and stage.
 MANAGED = ("--seed_everything", "--data.seed", "--trainer.logger.init_args.save_dir", "--trainer.logger.init_args.name",
@@ -595,8 +597,8 @@ def _parse(argv: list[str]) -> tuple[ExperimentSpec, argparse.Namespace]:
     p.add_argument("--dataset", help="dataset name in the summary (default: from the finetune config)")
     p.add_argument("--backbone", default=None, choices=BACKBONES,
                    help="selects the paper rows compared against (default: the --model group's name, else sasrec)")
-    p.add_argument("--results-dir", type=Path, default=Path("results"))
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_DIRS["--results-dir"])
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_DIRS["--runs-dir"])
     p.add_argument("--stage1-from", metavar="NAME",
                    help="take each seed's stage 1 from experiment NAME (results/NAME/seed_<s>/pretrain.json and "
                         "encoder.pt) instead of training it: a new stage 2 on the same encoders")
