@@ -790,6 +790,31 @@ def test_semantic_neighbours_ivf_branch_never_uses_minus_one_and_finds_the_exact
             assert recall >= 0.9, recall
 
 
+@pytest.mark.parametrize("exact_up_to", [10**9, 1000])
+def test_semantic_neighbours_do_not_depend_on_the_thread_count(monkeypatch, exact_up_to) -> None:
+    """Rows with identical vectors tie; with two threads Faiss ordered the ties (and trained the
+    IVF) otherwise than with one (without the fix both cases here fail), so a run
+    resumed at another thread count read other neighbours. The search runs on one thread, and the
+    caller's thread count is restored afterwards."""
+    import torch
+
+    from raserec.semantic import neighbours
+
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", exact_up_to)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(1500, 32)).astype(np.float32)[rng.integers(0, 1500, 15_000)]
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(semantic_neighbours(v, k=10)[0])
+            assert torch.get_num_threads() == threads
+        assert (out[0] == out[1]).all()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_grasp_test_metrics_do_not_depend_on_eval_batch_size(beauty_slice, slice_space, one_torch_thread) -> None:
     """RecBole #1556 for GRASP, whose forward pass depends on the batch's make-up (HAE runs as wide
     as the batch's longest row; the similar users come from tables chosen by which queries the batch

@@ -13,14 +13,16 @@ explicitly, and one runtime means no two pools of spinning threads competing for
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch  # noqa: F401  - imported for the load order only: torch before faiss
 
 # isort: split
 import faiss
 
-__all__ = ["faiss", "set_threads"]
+__all__ = ["faiss", "set_threads", "one_thread"]
 
 
 def set_threads(n: int) -> int:
@@ -28,6 +30,18 @@ def set_threads(n: int) -> int:
     n = max(1, int(n))
     faiss.omp_set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one OpenMP thread (faiss's and, as explained above, torch's), then
+    restore torch's setting: for searches whose result must not depend on the thread count."""
+    before = torch.get_num_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 if os.environ.get("RASEREC_FAISS_THREADS"):
