@@ -37,12 +37,10 @@ def lines_to_data(text: str) -> SequenceData:
 def one_torch_thread():
     """Correctness tests, not timings: one OpenMP thread keeps them fast on a shared 2-core host,
     where a second thread that gets descheduled stalls every parallel region (5-10x slower)."""
-    import torch
+    from raserec.memory.faiss_import import one_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -798,21 +798,19 @@ def test_semantic_neighbours_do_not_depend_on_the_thread_count(monkeypatch, exac
     caller's thread count is restored afterwards."""
     import torch
 
+    from raserec.memory.faiss_import import one_thread
     from raserec.semantic import neighbours
 
     monkeypatch.setattr(neighbours, "EXACT_UP_TO", exact_up_to)
     rng = np.random.default_rng(0)
     v = rng.normal(size=(1500, 32)).astype(np.float32)[rng.integers(0, 1500, 15_000)]
-    before = torch.get_num_threads()
-    try:
+    with one_thread():  # restores the session's thread count afterwards
         out = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
             out.append(semantic_neighbours(v, k=10)[0])
             assert torch.get_num_threads() == threads
         assert (out[0] == out[1]).all()
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_grasp_test_metrics_do_not_depend_on_eval_batch_size(beauty_slice, slice_space, one_torch_thread) -> None:

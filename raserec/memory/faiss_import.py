@@ -37,7 +37,7 @@ def one_thread() -> Iterator[None]:
     """Run the block with one OpenMP thread (faiss's and, as explained above, torch's), then
     restore torch's setting: for searches whose result must not depend on the thread count."""
     before = torch.get_num_threads()
-    set_threads(1)
+    torch.set_num_threads(1)  # the shared OpenMP runtime: faiss's setting too
     try:
         yield
     finally:

@@ -123,19 +123,19 @@ class SelfAttentionBlock(nn.Module):
             residual = x.index_select(0, layout.last_token)
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
             b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-            projected, width = F.linear(x, w_kv, b_kv), 2
+            projected, projections = F.linear(x, w_kv, b_kv), 2
             queries = F.linear(residual, w_q, b_q).view(-1, h, 1, dh)
             query_chunks = queries.split([b.rows for b in layout.buckets])
         else:
-            residual, projected, width = x, self.qkv(x), 3
+            residual, projected, projections = x, self.qkv(x), 3
         # split (not slicing) so that backward is one concatenation, not a zero-filled copy per bucket
         chunks = projected.split([b.tokens for b in layout.buckets]) if len(layout.buckets) > 1 else (projected,)
         parts = []
         for i, (bucket, chunk) in enumerate(zip(layout.buckets, chunks, strict=True)):
             n, w = bucket.rows, bucket.width
             if bucket.grid_pos is not None:
-                chunk = chunk.new_zeros(n * w, width * d).index_copy(0, bucket.grid_pos, chunk)
-            heads = chunk.view(n, w, width, h, dh).permute(2, 0, 3, 1, 4)
+                chunk = chunk.new_zeros(n * w, projections * d).index_copy(0, bucket.grid_pos, chunk)
+            heads = chunk.view(n, w, projections, h, dh).permute(2, 0, 3, 1, 4)
             if last_only:
                 k, v = heads
                 # The last query sees every real key: no causal cut for a single-length bucket.
