@@ -8,6 +8,7 @@ DATASET ?= beauty
 BACKBONE ?= sasrec
 SEEDS ?= 2024 2025 2026 2027 2028
 SCHEDULE ?= paper
+TEST_WORKERS ?= auto
 EXPERIMENT := $(DATASET)$(if $(filter sasrec,$(BACKBONE)),,_$(BACKBONE))_raserec
 
 .PHONY: help install test lint bench bench-peer clean results-table reproduce
@@ -21,8 +22,8 @@ install:  ## create .venv, install torch==2.13.0 (CPU) first, then raserec[dev,s
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,semantic]'
 
-test:  ## run the whole test suite (uses ../shared/data in place)
-	$(BIN)/python -m pytest -q tests
+test:  ## run the whole test suite (uses ../shared/data in place), one pytest-xdist worker per core
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint:  ## ruff check
 	$(BIN)/ruff check raserec tests

@@ -22,6 +22,7 @@ import torch
 
 from raserec.errors import CheckpointError
 from raserec.models.encoders.base import SequenceEncoder
+from raserec.outputs import replacing
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,20 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary file beside ``path``: a reader never sees a half-written
     file, and a failed save leaves nothing behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def save_encoder(encoder: SequenceEncoder, path: str | Path, data_fingerprint: dict[str, Any] | None = None) -> Path:
+    """Write ``encoder``'s self-describing record (class, constructor arguments, weights, the
+    training data's fingerprint) alone to ``path``: what fine-tuning and ``raserec test`` load."""
     return save_atomic({RECORD_KEY: encoder_record(encoder, data_fingerprint)}, path)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
+    """The encoder record stored in ``path`` (an encoder file or a Lightning checkpoint that
+    carries one), loaded with ``weights_only``; ``CheckpointError`` when there is none."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")

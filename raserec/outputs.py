@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from raserec.errors import ConfigError
@@ -58,3 +59,34 @@ def cache_dir_option(value: str | None, option: str) -> str | None:
         return None
     check_output_dir(value, option)
     return value
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary file beside ``path`` to write to: when the block ends without error it
+    replaces ``path`` in one step (a reader sees the old file or the new one, never half of one);
+    otherwise it is removed.
+
+    The name is unique per writer, so two processes filling the same cache entry at once (seeds
+    run side by side, parallel test workers) never write into one file, as a fixed ``path.tmp``
+    let them. It ends in ``path``'s own suffix because some writers (``np.save``) append theirs
+    otherwise, and it gets the permissions a plain ``open`` would give (``mkstemp`` makes 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~umask())
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
-from raserec.outputs import check_output_file
+from raserec.outputs import check_output_file, replacing
 
 
 def hardware() -> str:
@@ -81,10 +81,8 @@ def schedule(trainer: L.Trainer, first_epoch: int = 0) -> str:
 
 def write_results(path: str | Path, record: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -269,7 +267,6 @@ def write_query_ranks(path: Path, rows: np.ndarray, ranks: np.ndarray, pairs: An
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
     """``np.savez_compressed`` through a temporary file: a reader never sees a half-written one."""
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
     return path

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 from raserec.data.datamodule import SequenceDataModule
 from raserec.data.sequences import SequenceData, sequences_from_interactions
 
-# Keep torch from oversubscribing the 2 CI cores when tests start subprocesses.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep torch from oversubscribing the 2 CI cores: `make test` runs one pytest-xdist worker per
+# core, so each worker (and each subprocess a test starts) gets its share of them, at most 2.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, (os.cpu_count() or 2) // _WORKERS))))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BEAUTY = DATA / "Beauty.txt"

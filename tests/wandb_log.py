@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,24 @@ def records(path: str | Path) -> list[Any]:
     return out
 
 
+def finished_records(path: str | Path, timeout_s: float = 120.0) -> list[Any]:
+    """The run file's records once it holds the run's ``exit`` record. ``wandb.finish()`` can
+    return before the W&B service has written the last records (seen on a loaded machine: the
+    file then lacked the validation history), and records are written in order, so everything
+    logged precedes ``exit``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = records(path)
+        if any(rec.WhichOneof("record_type") == "exit" for rec in out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
 def logged(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(last value of every history key, run config) of an offline run."""
+    """(last value of every history key, run config) of a finished offline run."""
     history: dict[str, Any] = {}
     config: dict[str, Any] = {}
-    for rec in records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             for item in rec.history.item:

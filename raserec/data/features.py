@@ -22,6 +22,7 @@ import polars as pl
 from raserec.data.prepare import file_sha256
 from raserec.data.sequences import SequenceData
 from raserec.errors import DataError
+from raserec.outputs import replacing
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,8 @@ class ItemFeatures:
             raise DataError(f"{path}: not a JSON-lines feature file ({type(exc).__name__}: {exc})") from exc
         features = cls.from_frame(raw, data, source=str(path))
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp.parquet")
-            features.table.with_columns(pl.Series(_HAS_RECORD, features.has_record)).write_parquet(tmp)
-            tmp.replace(cached)
+            with replacing(cached) as tmp:
+                features.table.with_columns(pl.Series(_HAS_RECORD, features.has_record)).write_parquet(tmp)
         return features
 
     @classmethod

@@ -47,6 +47,7 @@ from raserec.data.readers import (
 )
 from raserec.data.sequences import SequenceData, dataset_stats, sequences_from_interactions
 from raserec.errors import ConfigError, DataError, RaserecError
+from raserec.outputs import umask
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()  # temporaries older than this and unlocked are left by dead runs
@@ -63,12 +64,6 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -191,7 +186,7 @@ def prepare_dataset(
     sweep_stale_temporaries(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     lock = _hold_lock(tmp)  # tells a later sweep that this directory is still being written
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the dataset should be shareable
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; the dataset should be shareable
     old: Path | None = None
     try:
         _write(data, tmp)

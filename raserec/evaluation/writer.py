@@ -11,7 +11,7 @@ import polars as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from raserec.outputs import check_output_file
+from raserec.outputs import check_output_file, replacing
 
 
 class TopNWriter(BasePredictionWriter):
@@ -45,10 +45,8 @@ class TopNWriter(BasePredictionWriter):
         path = self.output
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".csv":
-            frame.write_csv(tmp)
-        else:
-            frame.write_parquet(tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            if path.suffix == ".csv":
+                frame.write_csv(tmp)
+            else:
+                frame.write_parquet(tmp)

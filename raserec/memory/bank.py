@@ -32,6 +32,7 @@ from raserec.data.batch import PairDataset
 from raserec.errors import CheckpointError, ConfigError, read_json_object
 from raserec.memory.faiss_import import faiss
 from raserec.models.encoders.base import SequenceEncoder
+from raserec.outputs import replacing
 
 log = logging.getLogger(__name__)
 
@@ -522,9 +523,8 @@ class MemoryBank:
         faiss.write_index(self.index, str(directory / _INDEX))
         extra = {} if self.keys is None else {"keys": self.keys}
         np.savez(directory / _PAYLOAD, h=self.h, users=self.users, ends=self.ends, targets=self.targets, **extra)
-        tmp = directory / (_MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
-        tmp.replace(directory / _MANIFEST)
+        with replacing(directory / _MANIFEST) as tmp:
+            tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
         return directory
 
     @staticmethod

@@ -24,7 +24,7 @@ import numpy as np
 
 from raserec.argparsing import ArgumentParser
 from raserec.errors import DataError
-from raserec.outputs import cache_dir_option, check_output_dir
+from raserec.outputs import cache_dir_option, check_output_dir, replacing
 from raserec.semantic.embedders import EMBEDDERS, save_checked
 from raserec.semantic.generators import make_generator
 from raserec.semantic.space import SemanticConfig, SemanticSpace
@@ -99,11 +99,9 @@ def main(argv: list[str]) -> int:
                 "content_hash": dm.data.content_hash()}
     for name, matrix in outputs.items():
         save_checked(args.out_dir / f"{name}.npy", matrix, {"key": name, **identity})
-    tmp = args.out_dir / "item_texts.jsonl.tmp"
-    with tmp.open("w") as out:
+    with replacing(args.out_dir / "item_texts.jsonl") as tmp, tmp.open("w") as out:
         for original, text in zip(dm.data.item_ids[1:], space.item_texts[1:], strict=True):
             out.write(json.dumps({"item": str(original), "text": text}) + "\n")
-    tmp.replace(args.out_dir / "item_texts.jsonl")
     print(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {args.out_dir} "
           f"({config.label()})")
     return 0

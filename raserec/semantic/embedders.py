@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from raserec.errors import ConfigError, DataError
+from raserec.outputs import replacing
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -242,16 +243,15 @@ def _file_digest(path: Path) -> str:
 
 
 def save_checked(path: Path, matrix: np.ndarray, manifest: dict[str, object]) -> None:
-    """Write ``matrix`` to ``path`` (.npy) and its manifest (``path`` with ``.json``) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, matrix, allow_pickle=False)
-    record = dict(manifest, shape=list(matrix.shape), sha256=_file_digest(tmp))
-    meta = path.with_suffix(".json")
-    meta_tmp = meta.with_suffix(".tmp.json")
-    meta_tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(path)
-    meta_tmp.replace(meta)
+    """Write ``matrix`` to ``path`` (.npy) and its manifest (``path`` with ``.json``), each in one
+    step. The manifest lands first: a reader that finds the matrix also finds its manifest (the
+    other order let a process reading the cache while another filled it see a matrix without one,
+    which :func:`load_checked` refuses)."""
+    with replacing(path) as tmp:
+        np.save(tmp, matrix, allow_pickle=False)
+        record = dict(manifest, shape=list(matrix.shape), sha256=_file_digest(tmp))
+        with replacing(path.with_suffix(".json")) as meta:
+            meta.write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
 def load_checked(path: Path, key: str) -> np.ndarray | None:

@@ -32,6 +32,7 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from raserec.errors import ConfigError, DataError
+from raserec.outputs import replacing
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +229,8 @@ def _read_text_cache(path: Path) -> dict[str, str]:
 
 
 def _write_text_cache(path: Path, known: dict[str, str]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as out:
+    with replacing(path) as tmp, tmp.open("w") as out:
         out.writelines(_cache_line(key, text) for key, text in known.items())
-    tmp.replace(path)
 
 
 def generate_cached(generator: TextGenerator, keys: Sequence[str], prompts: Sequence[str],
