@@ -14,8 +14,9 @@ from raserec.data.sequences import SequenceData, sequences_from_interactions
 
 # Keep torch from oversubscribing the 2 CI cores: `make test` runs one pytest-xdist worker per
 # core, so each worker (and each subprocess a test starts) gets its share of them, at most 2.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, (os.cpu_count() or 2) // _WORKERS))))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, _CORES // _WORKERS))))
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
